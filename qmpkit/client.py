@@ -1,0 +1,178 @@
+"""
+A QMP connection: qemu.qmp underneath, qmpkit's errors on top.
+
+This is the one place where ``qemu.qmp`` exceptions are translated into
+qmpkit's (see `qmpkit.errors`). Everything else talks to QEMU through
+`Client.execute` and `Client.listener`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from typing import Any, Iterable, Iterator, Mapping
+
+from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
+from qemu.qmp.events import EventFilter
+
+from .errors import ArgumentError, QemuCommandError, QmpConnectionError
+
+__all__ = ["Client", "parse_address"]
+
+log = logging.getLogger(__name__)
+
+_TCP_RE = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})$")
+
+
+def parse_address(address: str | tuple[str, int]) -> str | tuple[str, int]:
+    """Turn ``host:port``, ``[::1]:port`` or a unix socket path into a qemu.qmp address.
+
+    :raise ArgumentError: for an empty address or a port out of range.
+    """
+    if isinstance(address, tuple):
+        host, port = address
+        if not 0 < int(port) < 65536:
+            raise ArgumentError("qmp", f"port must be in [1, 65535], got {port}")
+        return (str(host), int(port))
+    text = str(address).strip()
+    if not text:
+        raise ArgumentError("qmp", "expected a unix socket path or host:port, got ''")
+    if text.startswith("unix:"):
+        return text[len("unix:"):]
+    if text.startswith("tcp:"):
+        text = text[len("tcp:"):]
+    elif "/" in text:
+        return text
+    m = _TCP_RE.match(text)
+    if not m:
+        return text  # a relative socket path
+    port = int(m.group("port"))
+    if not 0 < port < 65536:
+        raise ArgumentError("qmp", f"port must be in [1, 65535], got {port}")
+    return (m.group("v6") or m.group("host"), port)
+
+
+class Client:
+    """One QMP session with a QEMU (system emulator or storage daemon).
+
+    Use `Client.attach` for a QEMU that is already running::
+
+        async with await Client.attach("/run/vm1/qmp.sock") as qmp:
+            print(await qmp.execute("query-version"))
+    """
+
+    def __init__(self, *, name: str = "qmpkit") -> None:
+        self._qmp = QMPClient(name)
+        self.address: str | tuple[str, int] | None = None
+        self._lost = asyncio.Event()
+        self._watch: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @classmethod
+    async def attach(cls, address: str | tuple[str, int], *, timeout: float = 10.0,
+                     name: str = "qmpkit") -> "Client":
+        """Connect to the QMP socket of a running QEMU.
+
+        :raise ArgumentError: the address is malformed.
+        :raise QmpConnectionError: nothing answers QMP there within ``timeout``.
+        """
+        client = cls(name=name)
+        await client.connect(address, timeout=timeout)
+        return client
+
+    async def connect(self, address: str | tuple[str, int], *, timeout: float = 10.0) -> None:
+        addr = parse_address(address)
+        self.address = addr
+        shown = addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
+        try:
+            await asyncio.wait_for(self._qmp.connect(addr), timeout)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(Exception):
+                await self._qmp.disconnect()
+            raise QmpConnectionError(f"no QMP greeting from {shown} within {timeout:g} s",
+                                     address=addr) from None
+        except (QMPError, OSError) as exc:
+            cause = exc.exc if hasattr(exc, "exc") else exc  # qemu.qmp's ConnectError
+            raise QmpConnectionError(f"cannot connect to QMP at {shown}: {cause}",
+                                     address=addr) from exc
+        self._closing = False
+        self._lost = asyncio.Event()
+        self._watch = asyncio.get_running_loop().create_task(self._watch_runstate())
+        log.debug("connected to QMP at %s", shown)
+
+    async def _watch_runstate(self) -> None:
+        while True:
+            state = await self._qmp.runstate_changed()
+            if state in (Runstate.DISCONNECTING, Runstate.IDLE):
+                if not self._closing:
+                    log.warning("QMP connection to %s lost", self.address)
+                self._lost.set()
+                return
+
+    @property
+    def connected(self) -> bool:
+        return self._qmp.runstate == Runstate.RUNNING and not self._lost.is_set()
+
+    @property
+    def lost(self) -> asyncio.Event:
+        """Set once the connection is gone (closed by us, or dropped)."""
+        return self._lost
+
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+        """Run one QMP command and return its result.
+
+        :raise QemuCommandError: QEMU refused the command; ``desc`` is its message.
+        :raise QmpConnectionError: the connection is gone, or went while waiting.
+        """
+        args = dict(arguments) if arguments else None
+        if self._lost.is_set() or self._qmp.runstate != Runstate.RUNNING:
+            raise QmpConnectionError(f"cannot run {command}: not connected to QMP",
+                                     address=self.address)
+        try:
+            return await self._qmp.execute(command, args)
+        except ExecuteError as exc:
+            raise QemuCommandError(command, args, exc.error_class, str(exc)) from exc
+        except (ExecInterruptedError, QMPError, EOFError, OSError) as exc:
+            raise QmpConnectionError(f"QMP connection lost during {command}: {exc}",
+                                     address=self.address) from exc
+
+    @contextlib.contextmanager
+    def listener(self, names: str | Iterable[str] | None = None,
+                 event_filter: EventFilter | None = None) -> Iterator[EventListener]:
+        """Listen for events while the block runs (see qemu.qmp.events)."""
+        with self._qmp.listener(names, event_filter) as listener:
+            yield listener
+
+    def register_listener(self, listener: EventListener) -> None:
+        self._qmp.register_listener(listener)
+
+    def remove_listener(self, listener: EventListener) -> None:
+        with contextlib.suppress(Exception):
+            self._qmp.remove_listener(listener)
+
+    async def version(self) -> tuple[int, int, int]:
+        v = (await self.execute("query-version"))["qemu"]
+        return (v["major"], v["minor"], v["micro"])
+
+    async def close(self) -> None:
+        """Disconnect. Safe to call twice, and after QEMU went away."""
+        self._closing = True
+        try:
+            await self._qmp.disconnect()
+        except (EOFError, OSError, QMPError) as exc:
+            # QEMU hung up first (quit, or killed): expected at shutdown.
+            log.debug("QMP disconnect: %r", exc)
+        self._lost.set()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

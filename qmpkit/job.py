@@ -1,0 +1,368 @@
+"""
+Block jobs, driven by QEMU's events.
+
+`JobState` is the pure state machine: it takes QMP job events one by one and
+knows the job's status, whether it was READY, its errors and how it ended. It
+does no I/O, so it is tested on its own.
+
+`Job` binds a state to a live QMP connection. It registers its event
+listener *before* the job is created, so no event is missed, and a pump task
+feeds every event into the state. Waits (`Job.wait_ready`,
+`Job.wait_status`, `Job.wait_done`) are woken by events, never by polling,
+and each has one overall deadline::
+
+    job = await start_mirror(client, device="src", target="dst")
+    await job.wait_ready(timeout=60)
+    await job.complete(timeout=60)   # pivot, finalize, dismiss as needed
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from qemu.qmp import EventListener
+
+from .client import Client
+from .errors import JobFailedError, JobTimeoutError, QmpConnectionError
+
+__all__ = ["JobState", "Job", "JobEnd", "JOB_EVENTS", "TERMINAL"]
+
+log = logging.getLogger(__name__)
+
+JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_ERROR",
+              "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_PENDING")
+#: statuses after which the job does no more work
+TERMINAL = frozenset({"concluded", "null"})
+
+
+class JobEnd(enum.Enum):
+    """How a job ended."""
+    COMPLETED = "completed"   # BLOCK_JOB_COMPLETED without error
+    CANCELLED = "cancelled"   # BLOCK_JOB_CANCELLED
+    FAILED = "failed"         # BLOCK_JOB_COMPLETED with an error
+
+
+def _event_job_id(event: Mapping[str, Any]) -> str | None:
+    data = event.get("data", {})
+    return data.get("id", data.get("device"))
+
+
+@dataclass
+class JobState:
+    """What the events of one job said so far. Pure: no I/O."""
+
+    job_id: str
+    status: str | None = None
+    ready: bool = False
+    ready_at: float | None = None
+    end: JobEnd | None = None
+    error: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    offset: int | None = None
+    length: int | None = None
+    connection_lost: bool = False
+
+    def accepts(self, event: Mapping[str, Any]) -> bool:
+        return event.get("event") in JOB_EVENTS and _event_job_id(event) == self.job_id
+
+    def apply(self, event: Mapping[str, Any]) -> None:
+        """Take one QMP event (a dict with ``event``, ``data``, ``timestamp``)."""
+        if not self.accepts(event):
+            return
+        name, data = event["event"], event.get("data", {})
+        self.events.append(dict(event))
+        if name == "JOB_STATUS_CHANGE":
+            self.status = data["status"]
+            if self.status == "ready" and not self.ready:
+                self._mark_ready(event)
+        elif name == "BLOCK_JOB_READY":
+            self._mark_ready(event)
+        elif name == "BLOCK_JOB_ERROR":
+            self.errors.append(dict(data))
+        elif name == "BLOCK_JOB_COMPLETED":
+            self.error = data.get("error")
+            self.end = JobEnd.FAILED if self.error else JobEnd.COMPLETED
+        elif name == "BLOCK_JOB_CANCELLED":
+            self.end = JobEnd.CANCELLED
+        if name in ("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+            self.offset, self.length = data.get("offset"), data.get("len")
+
+    def _mark_ready(self, event: Mapping[str, Any]) -> None:
+        if not self.ready:
+            self.ready = True
+            ts = event.get("timestamp")
+            self.ready_at = ts["seconds"] + ts["microseconds"] / 1e6 if ts else None
+
+    def refresh(self, info: Mapping[str, Any] | None) -> None:
+        """Take a ``query-jobs`` entry (or None: the job is gone) after a reconnect."""
+        if info is None:
+            if self.status not in TERMINAL:
+                self.status = "null"
+            return
+        self.status = info["status"]
+        if self.status in ("ready", "standby"):
+            self.ready = True
+        if info.get("error"):
+            self.error = info["error"]
+            self.end = JobEnd.FAILED
+
+    @property
+    def finished(self) -> bool:
+        """The job does no more work (its end is known, or it is gone)."""
+        return self.end is not None or self.status in TERMINAL
+
+    def failure(self) -> str | None:
+        """QEMU's error message if the job failed, else None."""
+        if self.end is JobEnd.FAILED:
+            return self.error or "job failed"
+        if self.status in TERMINAL and self.error:
+            return self.error
+        return None
+
+
+class Job:
+    """A block job on a live QEMU, its state kept current by events.
+
+    Create it with `Job.watch` *before* the command that starts the job, then
+    call `Job.started` or `Job.abandon`. `start_mirror` does this for you.
+    """
+
+    def __init__(self, client: Client, job_id: str, *, auto_finalize: bool = True,
+                 auto_dismiss: bool = True) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.state = JobState(job_id)
+        self.started_at: float | None = None   # time.monotonic() when started
+        self._changed = asyncio.Condition()
+        self._listener: EventListener | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._callbacks: list[Callable[[dict[str, Any]], None]] = []
+
+    # -- lifecycle of the watcher ----------------------------------------------
+
+    @classmethod
+    def watch(cls, client: Client, job_id: str, **kwargs: Any) -> "Job":
+        job = cls(client, job_id, **kwargs)
+        job._attach(client)
+        return job
+
+    def _attach(self, client: Client) -> None:
+        self.client = client
+        self._listener = EventListener(JOB_EVENTS, lambda ev: self.state.accepts(ev))
+        client.register_listener(self._listener)
+        self._pump = asyncio.get_running_loop().create_task(
+            self._run_pump(client, self._listener), name=f"qmpkit-job-{self.job_id}")
+
+    def started(self) -> None:
+        self.started_at = time.monotonic()
+
+    async def abandon(self) -> None:
+        """Stop watching (the job could not be started, or the caller is done)."""
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+            self._pump = None
+        if self._listener is not None:
+            self.client.remove_listener(self._listener)
+            self._listener = None
+
+    async def reattach(self, client: Client) -> None:
+        """Follow the same job over a new QMP connection (after the old one dropped).
+
+        :raise JobFailedError: the job is gone and its end is unknown.
+        """
+        await self.abandon()
+        self._attach(client)
+        async with self._changed:
+            self.state.connection_lost = False
+            self.state.refresh(await self.info())
+            self._changed.notify_all()
+
+    def on_event(self, callback: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``callback(event)`` for each of this job's events, as it arrives."""
+        self._callbacks.append(callback)
+
+    async def _run_pump(self, client: Client, listener: EventListener) -> None:
+        lost = asyncio.ensure_future(client.lost.wait())
+        try:
+            while True:
+                get = asyncio.ensure_future(listener.get())
+                done, _ = await asyncio.wait({get, lost}, return_when=asyncio.FIRST_COMPLETED)
+                if get in done:
+                    event = dict(get.result())
+                    async with self._changed:
+                        self.state.apply(event)
+                        self._changed.notify_all()
+                    log.debug("job %s: %s %s", self.job_id, event["event"], event.get("data"))
+                    for cb in self._callbacks:
+                        cb(event)
+                else:
+                    get.cancel()
+                    async with self._changed:
+                        self.state.connection_lost = True
+                        self._changed.notify_all()
+                    return
+        finally:
+            lost.cancel()
+
+    # -- waiting -------------------------------------------------------------------
+
+    async def _wait(self, predicate: Callable[[JobState], bool], waiting_for: str,
+                    timeout: float) -> None:
+        def check() -> bool:
+            if predicate(self.state):
+                return True
+            if self.state.connection_lost:
+                raise QmpConnectionError(
+                    f"QMP connection lost while waiting for job {self.job_id!r} to "
+                    f"{waiting_for}", address=self.client.address)
+            return False
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(check), timeout)
+        except asyncio.TimeoutError:
+            raise JobTimeoutError(job_id=self.job_id, last_status=self.state.status,
+                                  waiting_for=waiting_for, timeout=timeout) from None
+
+    def _raise_if_failed(self) -> None:
+        msg = self.state.failure()
+        if msg is not None:
+            raise JobFailedError(msg, job_id=self.job_id, last_status=self._last_live_status(),
+                                 errors=self.state.errors)
+
+    def _last_live_status(self) -> str | None:
+        # The last status before the job wound down says more than "null".
+        for ev in reversed(self.state.events):
+            if ev["event"] == "JOB_STATUS_CHANGE" and ev["data"]["status"] not in (
+                    "aborting", "concluded", "null", "pending", "waiting"):
+                return ev["data"]["status"]
+        return self.state.status
+
+    async def wait_ready(self, *, timeout: float = 60.0) -> None:
+        """Wait for ``BLOCK_JOB_READY``.
+
+        :raise JobFailedError: the job failed or was cancelled first.
+        :raise JobTimeoutError: not READY within ``timeout`` seconds.
+        """
+        await self._wait(lambda s: s.ready or s.finished, "become ready", timeout)
+        self._raise_if_failed()
+        if not self.state.ready:
+            raise JobFailedError(f"job ended ({self.state.end.value if self.state.end else 'gone'})"
+                                 " before it was ready", job_id=self.job_id,
+                                 last_status=self._last_live_status(), errors=self.state.errors)
+
+    async def wait_status(self, *statuses: str, timeout: float = 30.0) -> str:
+        """Wait until the job's status is one of ``statuses``; returns it.
+
+        :raise JobFailedError: the job ended in failure first.
+        :raise JobTimeoutError: no such status within ``timeout`` seconds.
+        """
+        wanted = set(statuses)
+        what = f"reach status {'/'.join(statuses)}"
+        await self._wait(lambda s: s.status in wanted or s.finished, what, timeout)
+        if self.state.status in wanted:
+            return self.state.status
+        self._raise_if_failed()
+        raise JobFailedError(f"job ended ({self.state.status}) before it could {what}",
+                             job_id=self.job_id, last_status=self._last_live_status(),
+                             errors=self.state.errors)
+
+    async def wait_done(self, *, timeout: float = 60.0) -> JobEnd:
+        """Wait until the job has ended, finalizing and dismissing it as its
+        ``auto-finalize``/``auto-dismiss`` settings require.
+
+        :raise JobFailedError: the job ended with an error.
+        :raise JobTimeoutError: not ended within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        left = lambda: max(0.0, deadline - loop.time())  # noqa: E731
+        if not self.auto_finalize:
+            await self._wait(lambda s: s.status in ("pending", "concluded", "null")
+                             or s.end is not None, "reach pending", left())
+            if self.state.status == "pending":
+                await self.finalize()
+        if not self.auto_dismiss:
+            await self._wait(lambda s: s.status in TERMINAL, "conclude", left())
+            if self.state.status == "concluded":
+                await self.dismiss()
+        await self._wait(lambda s: s.status == "null", "end", left())
+        self._raise_if_failed()
+        return self.state.end or JobEnd.COMPLETED
+
+    # -- control --------------------------------------------------------------------
+
+    async def _run(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
+        return await self.client.execute(command, {"id": self.job_id, **(args or {})})
+
+    async def set_speed(self, speed: int) -> None:
+        """Change the job's speed limit live (bytes/s; 0 = unlimited)."""
+        await self.client.execute("block-job-set-speed", {"device": self.job_id,
+                                                          "speed": speed})
+
+    async def pause(self, *, timeout: float | None = 30.0) -> None:
+        """Pause; with a timeout, wait until QEMU says ``paused`` (or ``standby``)."""
+        await self._run("job-pause")
+        if timeout is not None:
+            await self.wait_status("paused", "standby", timeout=timeout)
+
+    async def resume(self, *, timeout: float | None = 30.0) -> None:
+        await self._run("job-resume")
+        if timeout is not None:
+            await self.wait_status("running", "ready", timeout=timeout)
+
+    async def complete(self, *, timeout: float | None = 60.0) -> JobEnd:
+        """Pivot to the target (``job-complete``) and wait until the job has ended.
+
+        :raise QemuCommandError: QEMU refused (e.g. the job is not READY yet).
+        """
+        await self._run("job-complete")
+        if timeout is None:
+            return JobEnd.COMPLETED
+        return await self.wait_done(timeout=timeout)
+
+    async def cancel(self, *, force: bool = True, timeout: float | None = 60.0) -> JobEnd:
+        """Cancel the job and wait until it has ended.
+
+        ``force=False`` on a READY mirror ends it with a point-in-time copy and
+        no pivot (``BLOCK_JOB_COMPLETED``); ``force=True`` abandons the copy.
+        """
+        await self.client.execute("block-job-cancel", {"device": self.job_id, "force": force})
+        if timeout is None:
+            return JobEnd.CANCELLED
+        return await self.wait_done(timeout=timeout)
+
+    async def finalize(self) -> None:
+        await self._run("job-finalize")
+
+    async def dismiss(self) -> None:
+        await self._run("job-dismiss")
+
+    async def info(self) -> dict[str, Any] | None:
+        """This job's ``query-jobs`` entry, or None once QEMU has forgotten it."""
+        for j in await self.client.execute("query-jobs"):
+            if j["id"] == self.job_id:
+                return j
+        return None
+
+    async def block_info(self) -> dict[str, Any] | None:
+        """This job's ``query-block-jobs`` entry (offset, len, speed, busy...)."""
+        for j in await self.client.execute("query-block-jobs"):
+            if j["device"] == self.job_id:
+                return j
+        return None
+
+    def __repr__(self) -> str:
+        return f"<Job {self.job_id!r} status={self.state.status} ready={self.state.ready}>"
+

@@ -1,0 +1,44 @@
+"""
+QEMU's naming rules for node names and job ids, checked before QEMU is asked.
+
+QEMU (``id_wellformed``) wants a letter first, then letters, digits, ``-``,
+``.`` or ``_``. Node names are at most 31 characters. Nodes QEMU names
+itself look like ``#block123``; those may be referred to, never created.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .errors import ArgumentError
+
+__all__ = ["check_new_node_name", "check_node_ref", "check_job_id", "NODE_NAME_MAX"]
+
+NODE_NAME_MAX = 31
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+_AUTO_RE = re.compile(r"^#block\d+$")
+_RULE = "a letter, then letters, digits, '-', '.' or '_'"
+
+
+def check_job_id(value: object, *, argument: str = "job_id") -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ArgumentError(argument, f"must be {_RULE}; got {value!r}")
+    return value
+
+
+def check_new_node_name(value: object, *, argument: str = "node_name") -> str:
+    """A node name for a node we are about to create."""
+    check_job_id(value, argument=argument)
+    assert isinstance(value, str)
+    if len(value) > NODE_NAME_MAX:
+        raise ArgumentError(argument, f"must be at most {NODE_NAME_MAX} characters "
+                                      f"(QEMU's limit); {value!r} has {len(value)}")
+    return value
+
+
+def check_node_ref(value: object, *, argument: str = "node") -> str:
+    """A reference to an existing node or device (a VM's drive id may be longer
+    than a node name), or a name QEMU made itself (``#blockN``)."""
+    if isinstance(value, str) and _AUTO_RE.match(value):
+        return value
+    return check_job_id(value, argument=argument)

@@ -1,0 +1,346 @@
+"""
+Sources and targets as QEMU block nodes, added with ``blockdev-add``.
+
+`BlockGraph` builds the node kinds a mirror experiment needs:
+
+==========================  ==================================================
+`BlockGraph.add_image`      a raw/qcow2 file (created, optionally filled)
+`BlockGraph.add_file`       an existing raw/qcow2 file
+`BlockGraph.add_throttled`  a ``throttle`` filter over a node: a slow disk
+`BlockGraph.add_null`       a ``null-co`` node that discards writes
+`BlockGraph.add_overlay`    a qcow2 overlay over a backing node (sync=top/none)
+`BlockGraph.add_blkdebug`   a node that injects I/O errors (``blkdebug``)
+`BlockGraph.add_nbd`        a remote NBD export as a node
+==========================  ==================================================
+
+and exports a node over NBD (`BlockGraph.export_nbd`), the way fio writes
+into a source like a guest would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .client import Client
+from .errors import ArgumentError, QemuCommandError
+from .images import FORMATS, create_image
+from .names import NODE_NAME_MAX, check_new_node_name, check_node_ref
+from .units import parse_rate, parse_size
+
+__all__ = ["BlockGraph", "NodeInfo", "ERRNO", "parse_nbd_uri"]
+
+log = logging.getLogger(__name__)
+
+#: errno values blkdebug can inject, by name.
+ERRNO = {"EIO": 5, "ENOSPC": 28, "EPERM": 1, "EROFS": 30}
+_FILE_SUFFIX = "-file"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One row of the node graph."""
+    node_name: str
+    driver: str
+    size: int
+    file: str
+    read_only: bool
+    dirty_bitmaps: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def from_qmp(cls, d: dict[str, Any]) -> "NodeInfo":
+        return cls(node_name=d["node-name"], driver=d["drv"],
+                   size=int(d.get("image", {}).get("virtual-size", 0)),
+                   file=d.get("file", ""), read_only=bool(d.get("ro")),
+                   dirty_bitmaps=tuple(d.get("dirty-bitmaps", ())))
+
+
+def parse_nbd_uri(uri: str) -> tuple[dict[str, Any], str]:
+    """``nbd+unix:///EXPORT?socket=PATH`` or ``nbd://HOST[:PORT]/EXPORT`` -> (server, export).
+
+    :raise ArgumentError: for any other form.
+    """
+    u = urllib.parse.urlsplit(uri)
+    export = urllib.parse.unquote(u.path.lstrip("/"))
+    if u.scheme == "nbd+unix":
+        sock = urllib.parse.parse_qs(u.query).get("socket")
+        if not sock:
+            raise ArgumentError("uri", f"nbd+unix URI needs ?socket=PATH: {uri!r}")
+        return {"type": "unix", "path": sock[0]}, export
+    if u.scheme in ("nbd", "nbd+tcp"):
+        if not u.hostname:
+            raise ArgumentError("uri", f"nbd URI needs a host: {uri!r}")
+        return {"type": "inet", "host": u.hostname, "port": str(u.port or 10809)}, export
+    raise ArgumentError("uri", "expected nbd://HOST[:PORT]/EXPORT or "
+                               f"nbd+unix:///EXPORT?socket=PATH; got {uri!r}")
+
+
+class BlockGraph:
+    """Adds, lists and removes block nodes on one QEMU.
+
+    :param client: the QMP connection.
+    :param workdir: where images are created when no path is given.
+    """
+
+    def __init__(self, client: Client, workdir: os.PathLike[str] | str) -> None:
+        self.client = client
+        self.workdir = Path(workdir)
+        self._nbd_socket: Path | None = None
+
+    # -- reading the graph ---------------------------------------------------
+
+    async def nodes(self) -> list[NodeInfo]:
+        """Every named node (QEMU's ``query-named-block-nodes``, flat)."""
+        raw = await self.client.execute("query-named-block-nodes", {"flat": True})
+        return [NodeInfo.from_qmp(d) for d in raw]
+
+    async def node(self, name: str) -> NodeInfo:
+        """:raise ArgumentError: no node (or device) by that name."""
+        for info in await self.nodes():
+            if info.node_name == name:
+                return info
+        # A device name (a VM's drive) is not a node name: look it up too.
+        for blk in await self.client.execute("query-block"):
+            if blk.get("device") == name and "inserted" in blk:
+                ins = blk["inserted"]
+                return NodeInfo(node_name=ins["node-name"], driver=ins["drv"],
+                                size=int(ins.get("image", {}).get("virtual-size", 0)),
+                                file=ins.get("file", ""), read_only=bool(ins.get("ro")))
+        raise ArgumentError("node", f"QEMU has no block node or device named {name!r}")
+
+    async def table(self) -> list[dict[str, Any]]:
+        """The node graph as rows (node name, driver, size, file), for display."""
+        return [{"node": n.node_name, "driver": n.driver, "size": n.size, "file": n.file}
+                for n in await self.nodes()]
+
+    # -- adding nodes --------------------------------------------------------
+
+    async def add(self, options: dict[str, Any]) -> str:
+        """``blockdev-add`` with raw QAPI options; returns the node name."""
+        await self.client.execute("blockdev-add", options)
+        return options["node-name"]
+
+    async def add_file(self, node_name: str, path: os.PathLike[str] | str, *,
+                       fmt: str = "raw", read_only: bool = False,
+                       aio: Literal["threads", "native", "io_uring"] | None = None,
+                       cache_direct: bool = False,
+                       backing: str | None | Literal[False] = False) -> str:
+        """Open an existing image as ``node_name`` (format node over ``NAME-file``).
+
+        :param backing: for qcow2, the node to use as backing (``None`` means
+            no backing); by default QEMU opens the backing file the image names.
+        """
+        self._check_stacked_name(node_name)
+        if fmt not in FORMATS:
+            raise ArgumentError("format", f"must be one of {', '.join(FORMATS)}; got {fmt!r}")
+        path = Path(path)
+        if not path.exists():
+            raise ArgumentError("path", f"no such image file: {str(path)!r}")
+        proto: dict[str, Any] = {"driver": "file", "filename": str(path.resolve()),
+                                 "node-name": node_name + _FILE_SUFFIX}
+        if aio is not None:
+            proto["aio"] = aio
+        if cache_direct:
+            proto["cache"] = {"direct": True}
+        opts: dict[str, Any] = {"driver": fmt, "node-name": node_name, "file": proto,
+                                "read-only": read_only}
+        if backing is not False:
+            if fmt != "qcow2":
+                raise ArgumentError("backing", "only qcow2 nodes have a backing node")
+            opts["backing"] = backing
+        return await self.add(opts)
+
+    async def add_image(self, node_name: str, size: int | str, *, fmt: str = "raw",
+                        fill: int | Literal["mixed"] | None = None,
+                        path: os.PathLike[str] | str | None = None,
+                        aio: Literal["threads", "native", "io_uring"] | None = None,
+                        cluster_size: int | str | None = None) -> str:
+        """Create an image file (in the workdir unless ``path``) and add it as a node."""
+        self._check_stacked_name(node_name)
+        path = Path(path) if path is not None else self.workdir / f"{node_name}.{fmt}"
+        await create_image(path, size, fmt=fmt, fill=fill, cluster_size=cluster_size)
+        return await self.add_file(node_name, path, fmt=fmt, aio=aio)
+
+    async def add_throttled(self, node_name: str, child: str, *, bps_write: int | str,
+                            bps_read: int | str | None = None) -> str:
+        """Put a ``throttle`` filter named ``node_name`` over ``child``.
+
+        The limit lives in a ``throttle-group`` object called ``NAME-tg``.
+        Mirror into ``node_name`` to mirror into a slow disk.
+        """
+        check_new_node_name(node_name, argument="node_name")
+        check_node_ref(child, argument="child")
+        limits = {"bps-write": self._positive_rate(bps_write, "bps_write")}
+        if bps_read is not None:
+            limits["bps-read"] = self._positive_rate(bps_read, "bps_read")
+        group = f"{node_name}-tg"
+        await self.client.execute("object-add", {"qom-type": "throttle-group", "id": group,
+                                                 "limits": limits})
+        try:
+            return await self.add({"driver": "throttle", "node-name": node_name,
+                                   "throttle-group": group, "file": child})
+        except QemuCommandError:
+            await self.client.execute("object-del", {"id": group})
+            raise
+
+    async def set_throttle(self, node_name: str, *, bps_write: int | str) -> None:
+        """Change a throttled node's write limit while it runs."""
+        await self.client.execute("qom-set", {"path": f"{node_name}-tg", "property": "limits",
+                                              "value": {"bps-write": self._positive_rate(
+                                                  bps_write, "bps_write")}})
+
+    async def add_null(self, node_name: str, size: int | str) -> str:
+        """A ``null-co`` node of ``size``: writes vanish, reads return zeroes."""
+        check_new_node_name(node_name, argument="node_name")
+        nbytes = self._positive_size(size)
+        return await self.add({"driver": "null-co", "node-name": node_name, "size": nbytes,
+                               "read-zeroes": True})
+
+    async def add_overlay(self, node_name: str, backing: str, *,
+                          path: os.PathLike[str] | str | None = None) -> str:
+        """Create a qcow2 overlay whose backing file is ``backing``'s image, and add it
+        with ``backing`` as its backing node: the top layer for ``sync=top``.
+        """
+        self._check_stacked_name(node_name)
+        base = await self.node(check_node_ref(backing, argument="backing"))
+        base_file = await self.image_file(base)
+        base_fmt = base.driver if base.driver in FORMATS else "raw"
+        path = Path(path) if path is not None else self.workdir / f"{node_name}.qcow2"
+        await create_image(path, base.size, fmt="qcow2", backing=base_file,
+                           backing_fmt=base_fmt)
+        return await self.add_file(node_name, path, fmt="qcow2", backing=backing)
+
+    async def add_blkdebug(self, node_name: str, path: os.PathLike[str] | str | None = None, *,
+                           size: int | str | None = None, fmt: str = "raw",
+                           fill: int | Literal["mixed"] | None = None,
+                           errno: int | str = "ENOSPC",
+                           event: Literal["pwritev", "preadv", "flush_to_disk"] = "pwritev",
+                           once: bool = False, sector: int | None = None) -> str:
+        """An image node whose I/O fails: ``fmt`` over ``blkdebug`` over the file.
+
+        Give an existing image ``path``, or a ``size`` to create one (in the
+        workdir unless ``path``). Nodes: ``NAME`` (format), ``NAME-dbg``
+        (blkdebug), ``NAME-file`` (file).
+
+        :param errno: the error to inject, by number or name (EIO, ENOSPC...).
+        :param event: which I/O fails: writes (``pwritev``), reads (``preadv``).
+        :param once: fail only the first matching request; later ones succeed.
+        :param sector: fail only requests touching this 512-byte sector.
+        """
+        self._check_stacked_name(node_name)
+        if isinstance(errno, str):
+            if errno.upper() not in ERRNO:
+                raise ArgumentError("errno", f"must be a number or one of "
+                                             f"{', '.join(ERRNO)}; got {errno!r}")
+            errno = ERRNO[errno.upper()]
+        if isinstance(errno, bool) or not isinstance(errno, int) or errno <= 0:
+            raise ArgumentError("errno", f"must be a positive errno value; got {errno!r}")
+        if event not in ("pwritev", "preadv", "flush_to_disk"):
+            raise ArgumentError("event", "must be pwritev, preadv or flush_to_disk; "
+                                         f"got {event!r}")
+        if path is None and size is None:
+            raise ArgumentError("path", "give an existing image path, or a size to create one")
+        path = Path(path) if path is not None else self.workdir / f"{node_name}.{fmt}"
+        if size is not None:
+            await create_image(path, size, fmt=fmt, fill=fill)
+        elif not path.exists():
+            raise ArgumentError("path", f"no such image file: {str(path)!r}")
+        rule: dict[str, Any] = {"event": event, "errno": errno, "once": once,
+                                "immediately": True}
+        if sector is not None:
+            rule["sector"] = sector
+        return await self.add({
+            "driver": fmt, "node-name": node_name,
+            "file": {"driver": "blkdebug", "node-name": node_name + "-dbg",
+                     "inject-error": [rule],
+                     "image": {"driver": "file", "filename": str(path.resolve()),
+                               "node-name": node_name + _FILE_SUFFIX}}})
+
+    async def add_nbd(self, node_name: str, uri: str) -> str:
+        """A remote NBD export as a node (``nbd://host:port/export`` or
+        ``nbd+unix:///export?socket=PATH``)."""
+        check_new_node_name(node_name, argument="node_name")
+        server, export = parse_nbd_uri(uri)
+        opts: dict[str, Any] = {"driver": "nbd", "node-name": node_name, "server": server}
+        if export:
+            opts["export"] = export
+        return await self.add(opts)
+
+    async def delete(self, node_name: str) -> None:
+        """``blockdev-del`` a node made here, with the nodes and group under it."""
+        check_node_ref(node_name, argument="node_name")
+        info = await self.node(node_name)
+        await self.client.execute("blockdev-del", {"node-name": node_name})
+        names = {n.node_name for n in await self.nodes()}
+        for child in (node_name + _FILE_SUFFIX, node_name + "-dbg"):
+            if child in names:
+                await self.client.execute("blockdev-del", {"node-name": child})
+        if info.driver == "throttle":
+            await self.client.execute("object-del", {"id": f"{node_name}-tg"})
+
+    # -- NBD exports -----------------------------------------------------------
+
+    async def nbd_socket(self) -> Path:
+        """Start QEMU's NBD server on a unix socket in the workdir (once)."""
+        if self._nbd_socket is None:
+            sock = self.workdir / "nbd.sock"
+            # The legacy address form: QEMU 7.2 accepts only this one.
+            await self.client.execute("nbd-server-start", {
+                "addr": {"type": "unix", "data": {"path": str(sock)}}})
+            self._nbd_socket = sock
+        return self._nbd_socket
+
+    async def export_nbd(self, node_name: str, *, export: str | None = None,
+                         writable: bool = True) -> str:
+        """Export ``node_name`` over NBD; returns its ``nbd+unix://`` URI (for fio)."""
+        check_node_ref(node_name, argument="node_name")
+        name = export or node_name
+        sock = await self.nbd_socket()
+        await self.client.execute("block-export-add", {
+            "type": "nbd", "id": f"exp-{name}", "node-name": node_name, "name": name,
+            "writable": writable})
+        return f"nbd+unix:///{urllib.parse.quote(name)}?socket={sock}"
+
+    async def unexport_nbd(self, export: str) -> None:
+        await self.client.execute("block-export-del", {"id": f"exp-{export}"})
+
+    # -- helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _check_stacked_name(node_name: str) -> None:
+        # Our own child nodes get a suffix; the whole name must fit QEMU's limit.
+        check_new_node_name(node_name, argument="node_name")
+        if len(node_name) + len(_FILE_SUFFIX) > NODE_NAME_MAX:
+            raise ArgumentError("node_name", f"must be at most "
+                                             f"{NODE_NAME_MAX - len(_FILE_SUFFIX)} characters "
+                                             f"(its file node adds {_FILE_SUFFIX!r}); "
+                                             f"got {node_name!r}")
+
+    @staticmethod
+    def _positive_size(size: int | str) -> int:
+        n = parse_size(size, name="size")
+        if n <= 0:
+            raise ArgumentError("size", f"must be > 0, got {size!r}")
+        return n
+
+    @staticmethod
+    def _positive_rate(rate: int | str, argument: str) -> int:
+        n = parse_rate(rate, name=argument)
+        if n <= 0:
+            raise ArgumentError(argument, f"must be > 0 bytes/s, got {rate!r}")
+        return n
+
+    async def image_file(self, info: NodeInfo) -> str:
+        """The file name under a format node (its protocol child's filename)."""
+        proto = info.node_name + _FILE_SUFFIX
+        for n in await self.nodes():
+            if n.node_name == proto:
+                return n.file
+        if info.file and not info.file.startswith("json:"):
+            return info.file
+        raise ArgumentError("backing", f"node {info.node_name!r} is not backed by a file")
+

@@ -1,0 +1,112 @@
+"""
+`Qemu`: the one object a user opens. It is the embedded ``qemu-storage-daemon``
+by default, or a QEMU that already runs when given its QMP address::
+
+    async with await Qemu.open() as qemu:                  # embedded
+        await qemu.nodes.add_image("src", "1G", fill="mixed")
+        await qemu.nodes.add_image("dst", "1G")
+        job = await qemu.mirror(device="src", target="dst", granularity="4K")
+        await job.wait_ready(timeout=120)
+        await job.complete()
+        await qemu.verify("src", "dst")
+
+    qemu = await Qemu.open("/run/vm1/qmp.sock")            # a running VM
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .client import Client
+from .daemon import StorageDaemon
+from .errors import ArgumentError
+from .images import FORMATS, compare_images
+from .mirror import MirrorJob, start_mirror
+from .nodes import BlockGraph
+
+__all__ = ["Qemu"]
+
+
+class Qemu:
+    """A QEMU to mirror on, with its node graph (`nodes`) and a private workdir."""
+
+    def __init__(self, client: Client, *, workdir: Path,
+                 daemon: StorageDaemon | None = None, own_workdir: bool = False) -> None:
+        self.client = client
+        self.daemon = daemon
+        self.workdir = workdir
+        self.nodes = BlockGraph(client, workdir)
+        self._own_workdir = own_workdir
+
+    @classmethod
+    async def open(cls, qmp: str | tuple[str, int] | None = None, *,
+                   workdir: os.PathLike[str] | str | None = None,
+                   binary: str = "qemu-storage-daemon", timeout: float = 15.0) -> "Qemu":
+        """Start the embedded daemon (``qmp=None``) or attach to ``qmp``.
+
+        :raise QemuStartError: the embedded daemon did not start.
+        :raise QmpConnectionError: nothing answers QMP at ``qmp``.
+        """
+        if qmp is None:
+            daemon = StorageDaemon(binary=binary, base_dir=workdir)
+            client = await daemon.start(timeout=timeout)
+            assert daemon.workdir is not None
+            return cls(client, workdir=daemon.workdir, daemon=daemon)
+        client = await Client.attach(qmp, timeout=timeout)
+        if workdir is None:
+            return cls(client, workdir=Path(tempfile.mkdtemp(prefix="qmpkit-")),
+                       own_workdir=True)
+        return cls(client, workdir=Path(workdir))
+
+    @property
+    def embedded(self) -> bool:
+        return self.daemon is not None
+
+    async def mirror(self, *, device: str, target: str, **options: Any) -> MirrorJob:
+        """`start_mirror` on this QEMU."""
+        return await start_mirror(self.client, device=device, target=target, **options)
+
+    async def image_of(self, node_name: str) -> tuple[str, str]:
+        """(file path, format) of a node that is a raw/qcow2 image on a local file.
+
+        :raise ArgumentError: the node is not such an image.
+        """
+        info = await self.nodes.node(node_name)
+        fmt = info.driver
+        if fmt not in FORMATS:
+            raise ArgumentError("node", f"{node_name!r} is a {fmt} node, not a raw/qcow2 "
+                                        "image on a local file: it cannot be compared")
+        path = await self.nodes.image_file(info)
+        return path, fmt
+
+    async def verify(self, source: str, target: str) -> None:
+        """Check that two image nodes hold the same data (``qemu-img compare``).
+
+        Call it after the job has ended: a running mirror holds the target.
+
+        :raise VerifyError: the data differ.
+        """
+        src, src_fmt = await self.image_of(source)
+        dst, dst_fmt = await self.image_of(target)
+        await compare_images(src, dst, fmt_a=src_fmt, fmt_b=dst_fmt)
+
+    async def close(self) -> None:
+        """Stop the embedded daemon (or just disconnect). Safe to call twice."""
+        if self.daemon is not None:
+            await self.daemon.stop()
+        else:
+            await self.client.close()
+            if self._own_workdir:
+                # Images made here may now belong to the VM: remove the dir only if empty.
+                with contextlib.suppress(OSError):
+                    self.workdir.rmdir()
+
+    async def __aenter__(self) -> "Qemu":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
