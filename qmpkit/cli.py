@@ -345,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(ns.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    # qmpkit reports QMP failures itself, in one line; qemu.qmp's own log only with -vv.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if ns.verbose >= 2 else logging.CRITICAL)
     out, err = sys.stdout, sys.stderr
     try:
         if ns.command == "nodes":

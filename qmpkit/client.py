@@ -91,8 +91,9 @@ class Client:
         except asyncio.TimeoutError:
             with contextlib.suppress(Exception):
                 await self._qmp.disconnect()
-            raise QmpConnectionError(f"no QMP greeting from {shown} within {timeout:g} s",
-                                     address=addr) from None
+            raise QmpConnectionError(
+                f"no QMP greeting from {shown} within {timeout:g} s (QEMU serves one client "
+                "per QMP socket: is another client connected to it?)", address=addr) from None
         except (QMPError, OSError) as exc:
             cause = exc.exc if hasattr(exc, "exc") else exc  # qemu.qmp's ConnectError
             raise QmpConnectionError(f"cannot connect to QMP at {shown}: {cause}",

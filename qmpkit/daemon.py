@@ -60,12 +60,15 @@ class StorageDaemon:
     :param extra_args: more command-line arguments for the daemon.
     :param base_dir: where to make the private temp dir (default: the system's).
     :param keep_workdir: leave the temp dir (images, log) in place after stop.
+    :param spare_monitors: more QMP sockets (`monitor_path` 1, 2, ...) for other
+        clients, such as the ``qmpkit`` command: QEMU serves one client per socket.
     """
 
     def __init__(self, *, binary: str = DEFAULT_BINARY, extra_args: Sequence[str] = (),
                  base_dir: str | os.PathLike[str] | None = None,
-                 keep_workdir: bool = False) -> None:
+                 keep_workdir: bool = False, spare_monitors: int = 0) -> None:
         self.binary = binary
+        self.spare_monitors = spare_monitors
         self.extra_args = list(extra_args)
         self.base_dir = base_dir
         self.keep_workdir = keep_workdir
@@ -84,6 +87,14 @@ class StorageDaemon:
     def qmp_path(self) -> Path:
         assert self.workdir is not None, "daemon not started"
         return self.workdir / "qmp.sock"
+
+    def monitor_path(self, index: int) -> Path:
+        """The QMP socket of spare monitor ``index`` (1 .. spare_monitors)."""
+        assert self.workdir is not None, "daemon not started"
+        if not 1 <= index <= self.spare_monitors:
+            raise IndexError(f"spare monitor {index} does not exist "
+                             f"(spare_monitors={self.spare_monitors})")
+        return self.workdir / f"qmp-{index}.sock"
 
     @property
     def log_path(self) -> Path:
@@ -111,10 +122,12 @@ class StorageDaemon:
             raise QmpkitError(f"daemon already {self.state.value}")
         self.workdir = Path(tempfile.mkdtemp(prefix="qmpkit-", dir=self.base_dir))
         os.chmod(self.workdir, 0o700)
-        sock = qemu_opt_escape(str(self.qmp_path))
-        self.argv = [self.binary,
-                     "--chardev", f"socket,id=qmp0,path={sock},server=on,wait=off",
-                     "--monitor", "chardev=qmp0", *self.extra_args]
+        self.argv = [self.binary]
+        socks = [self.qmp_path] + [self.monitor_path(i) for i in range(1, self.spare_monitors + 1)]
+        for i, path in enumerate(socks):
+            self.argv += ["--chardev", f"socket,id=qmp{i},path={qemu_opt_escape(str(path))},"
+                                       "server=on,wait=off", "--monitor", f"chardev=qmp{i}"]
+        self.argv += self.extra_args
         log.info("starting %s", " ".join(self.argv))
         with open(self.log_path, "wb") as logf:
             try:

@@ -80,8 +80,6 @@ class JobState:
         self.events.append(dict(event))
         if name == "JOB_STATUS_CHANGE":
             self.status = data["status"]
-            if self.status == "ready" and not self.ready:
-                self._mark_ready(event)
         elif name == "BLOCK_JOB_READY":
             self._mark_ready(event)
         elif name == "BLOCK_JOB_ERROR":
@@ -95,6 +93,8 @@ class JobState:
             self.offset, self.length = data.get("offset"), data.get("len")
 
     def _mark_ready(self, event: Mapping[str, Any]) -> None:
+        # READY comes from BLOCK_JOB_READY (it carries offset/len), not from
+        # the status change that precedes it.
         if not self.ready:
             self.ready = True
             ts = event.get("timestamp")

@@ -218,7 +218,7 @@ class BlockGraph:
                            size: int | str | None = None, fmt: str = "raw",
                            fill: int | Literal["mixed"] | None = None,
                            errno: int | str = "ENOSPC",
-                           event: Literal["pwritev", "preadv", "flush_to_disk"] = "pwritev",
+                           io: Literal["write", "read", "flush"] = "write",
                            once: bool = False, sector: int | None = None) -> str:
         """An image node whose I/O fails: ``fmt`` over ``blkdebug`` over the file.
 
@@ -227,7 +227,7 @@ class BlockGraph:
         (blkdebug), ``NAME-file`` (file).
 
         :param errno: the error to inject, by number or name (EIO, ENOSPC...).
-        :param event: which I/O fails: writes (``pwritev``), reads (``preadv``).
+        :param io: which requests fail: ``write``, ``read`` or ``flush``.
         :param once: fail only the first matching request; later ones succeed.
         :param sector: fail only requests touching this 512-byte sector.
         """
@@ -239,9 +239,8 @@ class BlockGraph:
             errno = ERRNO[errno.upper()]
         if isinstance(errno, bool) or not isinstance(errno, int) or errno <= 0:
             raise ArgumentError("errno", f"must be a positive errno value; got {errno!r}")
-        if event not in ("pwritev", "preadv", "flush_to_disk"):
-            raise ArgumentError("event", "must be pwritev, preadv or flush_to_disk; "
-                                         f"got {event!r}")
+        if io not in ("write", "read", "flush"):
+            raise ArgumentError("io", f"must be write, read or flush; got {io!r}")
         if path is None and size is None:
             raise ArgumentError("path", "give an existing image path, or a size to create one")
         path = Path(path) if path is not None else self.workdir / f"{node_name}.{fmt}"
@@ -249,8 +248,9 @@ class BlockGraph:
             await create_image(path, size, fmt=fmt, fill=fill)
         elif not path.exists():
             raise ArgumentError("path", f"no such image file: {str(path)!r}")
-        rule: dict[str, Any] = {"event": event, "errno": errno, "once": once,
-                                "immediately": True}
+        # Event "none" arms the rule when the node opens; iotype picks the requests.
+        rule: dict[str, Any] = {"event": "none", "iotype": io, "errno": errno,
+                                "once": once, "immediately": True}
         if sector is not None:
             rule["sector"] = sector
         return await self.add({

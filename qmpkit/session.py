@@ -45,14 +45,19 @@ class Qemu:
     @classmethod
     async def open(cls, qmp: str | tuple[str, int] | None = None, *,
                    workdir: os.PathLike[str] | str | None = None,
-                   binary: str = "qemu-storage-daemon", timeout: float = 15.0) -> "Qemu":
+                   binary: str = "qemu-storage-daemon", spare_monitors: int = 0,
+                   timeout: float = 15.0) -> "Qemu":
         """Start the embedded daemon (``qmp=None``) or attach to ``qmp``.
+
+        ``spare_monitors`` gives the embedded daemon more QMP sockets, for
+        other clients such as the ``qmpkit`` command (see `StorageDaemon`).
 
         :raise QemuStartError: the embedded daemon did not start.
         :raise QmpConnectionError: nothing answers QMP at ``qmp``.
         """
         if qmp is None:
-            daemon = StorageDaemon(binary=binary, base_dir=workdir)
+            daemon = StorageDaemon(binary=binary, base_dir=workdir,
+                                   spare_monitors=spare_monitors)
             client = await daemon.start(timeout=timeout)
             assert daemon.workdir is not None
             return cls(client, workdir=daemon.workdir, daemon=daemon)

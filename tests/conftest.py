@@ -59,7 +59,7 @@ def no_process_left_behind():
 @pytest.fixture
 async def qemu(tmp_path):
     """An embedded qemu-storage-daemon; stopped (and checked gone) after the test."""
-    q = await Qemu.open(workdir=tmp_path)
+    q = await Qemu.open(workdir=tmp_path, spare_monitors=1)
     yield q
     await q.close()
     assert q.daemon.returncode is not None, "the daemon outlived its test"
