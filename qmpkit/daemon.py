@@ -11,10 +11,12 @@ the process if the object is dropped without being stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import weakref
@@ -24,16 +26,11 @@ from typing import Sequence
 from .client import Client
 from .errors import QemuStartError, QmpConnectionError, QmpkitError
 
-__all__ = ["StorageDaemon", "DaemonState", "qemu_opt_escape"]
+__all__ = ["StorageDaemon", "DaemonState"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BINARY = "qemu-storage-daemon"
-
-
-def qemu_opt_escape(value: str) -> str:
-    """Escape a value for a QEMU ``key=value,...`` option string (commas double)."""
-    return value.replace(",", ",,")
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -122,23 +119,44 @@ class StorageDaemon:
             raise QmpkitError(f"daemon already {self.state.value}")
         self.workdir = Path(tempfile.mkdtemp(prefix="qmpkit-", dir=self.base_dir))
         os.chmod(self.workdir, 0o700)
+        # qmpkit makes the listening sockets and hands them to QEMU: a client can
+        # connect at once (the kernel queues it until QEMU accepts), so there is
+        # no socket file to poll for and no start-up race.
+        paths = [self.qmp_path] + [self.monitor_path(i)
+                                   for i in range(1, self.spare_monitors + 1)]
+        listeners = []
         self.argv = [self.binary]
-        socks = [self.qmp_path] + [self.monitor_path(i) for i in range(1, self.spare_monitors + 1)]
-        for i, path in enumerate(socks):
-            self.argv += ["--chardev", f"socket,id=qmp{i},path={qemu_opt_escape(str(path))},"
-                                       "server=on,wait=off", "--monitor", f"chardev=qmp{i}"]
-        self.argv += self.extra_args
-        log.info("starting %s", " ".join(self.argv))
-        with open(self.log_path, "wb") as logf:
+        for i, path in enumerate(paths):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listeners.append(sock)
             try:
-                self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                              stderr=subprocess.STDOUT, cwd=self.workdir)
+                sock.bind(str(path))
+                sock.listen(8)
             except OSError as exc:
+                for s in listeners:
+                    s.close()
                 self._cleanup_dir()
                 self.state = DaemonState.STOPPED
-                raise QemuStartError(f"cannot run {self.binary}: {exc.strerror}. Install it "
-                                     "(Debian: apt-get install qemu-system-common)",
+                raise QemuStartError(f"cannot create the QMP socket {path}: {exc}",
                                      argv=self.argv, output="", returncode=None) from exc
+            self.argv += ["--chardev", f"socket,id=qmp{i},fd={sock.fileno()},server=on,wait=off",
+                          "--monitor", f"chardev=qmp{i}"]
+        self.argv += self.extra_args
+        log.info("starting %s", " ".join(self.argv))
+        try:
+            with open(self.log_path, "wb") as logf:
+                self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                              stderr=subprocess.STDOUT, cwd=self.workdir,
+                                              pass_fds=[s.fileno() for s in listeners])
+        except OSError as exc:
+            self._cleanup_dir()
+            self.state = DaemonState.STOPPED
+            raise QemuStartError(f"cannot run {self.binary}: {exc.strerror}. Install it "
+                                 "(Debian: apt-get install qemu-system-common)",
+                                 argv=self.argv, output="", returncode=None) from exc
+        finally:
+            for sock in listeners:  # QEMU holds its own copies now
+                sock.close()
         self._finalizer = weakref.finalize(self, _kill, self._proc)
         self.state = DaemonState.RUNNING
         try:
@@ -150,26 +168,18 @@ class StorageDaemon:
 
     async def _connect(self, timeout: float) -> Client:
         assert self._proc is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        # The daemon creates the socket once it listens; until then only the
-        # process itself can tell us something, so watch both.
-        while not self.qmp_path.exists():
-            if self._proc.poll() is not None:
-                raise QemuStartError("qemu-storage-daemon exited during start-up",
-                                     argv=self.argv, output=self.output(),
-                                     returncode=self._proc.returncode)
-            if loop.time() > deadline:
-                raise QemuStartError(f"no QMP socket after {timeout:g} s", argv=self.argv,
-                                     output=self.output(), returncode=None)
-            await asyncio.sleep(0.01)
         try:
-            return await Client.attach(str(self.qmp_path),
-                                       timeout=max(0.1, deadline - loop.time()))
+            return await Client.attach(str(self.qmp_path), timeout=timeout)
         except QmpConnectionError as exc:
-            raise QemuStartError(f"QMP did not answer: {exc}", argv=self.argv,
-                                 output=self.output(),
-                                 returncode=self._proc.poll()) from exc
+            # The socket closes when QEMU exits; give it a moment to be reaped
+            # so that the error can say how it ended.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.to_thread(self._proc.wait), 2.0)
+            code = self._proc.poll()
+            what = ("qemu-storage-daemon exited during start-up" if code is not None
+                    else f"QMP did not answer: {exc}")
+            raise QemuStartError(what, argv=self.argv, output=self.output(),
+                                 returncode=code) from exc
 
     async def stop(self, *, timeout: float = 10.0) -> int | None:
         """Quit gracefully, then kill. Returns the exit code. Safe to call twice."""
