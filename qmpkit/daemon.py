@@ -11,12 +11,10 @@ the process if the object is dropped without being stopped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import weakref
@@ -31,6 +29,11 @@ __all__ = ["StorageDaemon", "DaemonState"]
 log = logging.getLogger(__name__)
 
 DEFAULT_BINARY = "qemu-storage-daemon"
+
+
+def _opt(value: str) -> str:
+    """Escape a value inside a QEMU ``key=value,...`` option (commas double)."""
+    return value.replace(",", ",,")
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -94,6 +97,11 @@ class StorageDaemon:
         return self.workdir / f"qmp-{index}.sock"
 
     @property
+    def pid_path(self) -> Path:
+        assert self.workdir is not None, "daemon not started"
+        return self.workdir / "qsd.pid"
+
+    @property
     def log_path(self) -> Path:
         assert self.workdir is not None, "daemon not started"
         return self.workdir / "qemu.log"
@@ -119,44 +127,24 @@ class StorageDaemon:
             raise QmpkitError(f"daemon already {self.state.value}")
         self.workdir = Path(tempfile.mkdtemp(prefix="qmpkit-", dir=self.base_dir))
         os.chmod(self.workdir, 0o700)
-        # qmpkit makes the listening sockets and hands them to QEMU: a client can
-        # connect at once (the kernel queues it until QEMU accepts), so there is
-        # no socket file to poll for and no start-up race.
         paths = [self.qmp_path] + [self.monitor_path(i)
                                    for i in range(1, self.spare_monitors + 1)]
-        listeners = []
-        self.argv = [self.binary]
+        self.argv = [self.binary, "--pidfile", str(self.pid_path)]
         for i, path in enumerate(paths):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listeners.append(sock)
-            try:
-                sock.bind(str(path))
-                sock.listen(8)
-            except OSError as exc:
-                for s in listeners:
-                    s.close()
-                self._cleanup_dir()
-                self.state = DaemonState.STOPPED
-                raise QemuStartError(f"cannot create the QMP socket {path}: {exc}",
-                                     argv=self.argv, output="", returncode=None) from exc
-            self.argv += ["--chardev", f"socket,id=qmp{i},fd={sock.fileno()},server=on,wait=off",
-                          "--monitor", f"chardev=qmp{i}"]
+            self.argv += ["--chardev", f"socket,id=qmp{i},path={_opt(str(path))},server=on,"
+                                       "wait=off", "--monitor", f"chardev=qmp{i}"]
         self.argv += self.extra_args
         log.info("starting %s", " ".join(self.argv))
         try:
             with open(self.log_path, "wb") as logf:
                 self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                              stderr=subprocess.STDOUT, cwd=self.workdir,
-                                              pass_fds=[s.fileno() for s in listeners])
+                                              stderr=subprocess.STDOUT, cwd=self.workdir)
         except OSError as exc:
             self._cleanup_dir()
             self.state = DaemonState.STOPPED
             raise QemuStartError(f"cannot run {self.binary}: {exc.strerror}. Install it "
                                  "(Debian: apt-get install qemu-system-common)",
                                  argv=self.argv, output="", returncode=None) from exc
-        finally:
-            for sock in listeners:  # QEMU holds its own copies now
-                sock.close()
         self._finalizer = weakref.finalize(self, _kill, self._proc)
         self.state = DaemonState.RUNNING
         try:
@@ -168,18 +156,32 @@ class StorageDaemon:
 
     async def _connect(self, timeout: float) -> Client:
         assert self._proc is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # qemu-storage-daemon writes its pid file once its monitors exist and
+        # before it accepts connections (a documented order). Connecting
+        # earlier races the monitor's set-up and can miss the greeting.
+        while not self._pidfile_written():
+            if self._proc.poll() is not None:
+                raise QemuStartError("qemu-storage-daemon exited during start-up",
+                                     argv=self.argv, output=self.output(),
+                                     returncode=self._proc.returncode)
+            if loop.time() > deadline:
+                raise QemuStartError(f"not ready after {timeout:g} s (no pid file)",
+                                     argv=self.argv, output=self.output(), returncode=None)
+            await asyncio.sleep(0.005)
         try:
-            return await Client.attach(str(self.qmp_path), timeout=timeout)
+            return await Client.attach(str(self.qmp_path),
+                                       timeout=max(1.0, deadline - loop.time()))
         except QmpConnectionError as exc:
-            # The socket closes when QEMU exits; give it a moment to be reaped
-            # so that the error can say how it ended.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.to_thread(self._proc.wait), 2.0)
-            code = self._proc.poll()
-            what = ("qemu-storage-daemon exited during start-up" if code is not None
-                    else f"QMP did not answer: {exc}")
-            raise QemuStartError(what, argv=self.argv, output=self.output(),
-                                 returncode=code) from exc
+            raise QemuStartError(f"QMP did not answer: {exc}", argv=self.argv,
+                                 output=self.output(), returncode=self._proc.poll()) from exc
+
+    def _pidfile_written(self) -> bool:
+        try:
+            return self.pid_path.read_text().strip() == str(self._proc.pid if self._proc else "")
+        except OSError:
+            return False
 
     async def stop(self, *, timeout: float = 10.0) -> int | None:
         """Quit gracefully, then kill. Returns the exit code. Safe to call twice."""
