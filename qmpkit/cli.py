@@ -3,7 +3,8 @@ The ``qmpkit`` command.
 
 Exit codes: 0 done as asked; 1 the job failed or QEMU refused a command
 (QEMU's message is printed); 2 bad arguments, nothing started; 3 timeout
-(the job is cancelled unless ``--then leave``); 130 interrupted.
+(the job is cancelled unless ``--then leave``); 130 interrupted (SIGINT);
+143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,15 +22,21 @@ from . import __version__
 from .client import Client
 from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommandError,
                      QmpkitError, ToolError)
+from .demo import run_demo, table_text, write_plots
+from .experiment import Setup, run_experiment
 from .images import compare_images, create_image
-from .job import JobEnd
+from .job import Job
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, MirrorJob, mirror_arguments, start_mirror
 from .nodes import BlockGraph
+from .record import Recorder, Recording, checkpoint
+from .trace import Trace
 from .units import format_rate, format_size, parse_rate, parse_size
+from .workload import RW_MODES, FioLoad
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +55,71 @@ def _size(name: str):  # argparse type that names the option in its error
     return parse
 
 
-def _rate(text: str) -> int:
+def _rate(name: str):  # argparse type that names the option in its error
+    def parse(text: str) -> int:
+        try:
+            return parse_rate(text, name=name)
+        except ArgumentError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = "rate"
+    return parse
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{name}: must be a number > 0, got {text!r}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The fio load options: the same names on every command that has a load."""
+    g = p.add_argument_group("write load (fio over NBD into the source, like a guest)")
+    g.add_argument("--load-rw", choices=RW_MODES, default="randwrite",
+                   help="pattern: randwrite (default), write (sequential) or randrw")
+    g.add_argument("--load-bs", type=_size("--load-bs"), default="4K", metavar="SIZE",
+                   help="block size of each write (default 4K)")
+    g.add_argument("--load-rate", type=_rate("--load-rate"), default="20M", metavar="RATE",
+                   help="write rate per second, 0 = unlimited (default 20M)")
+    g.add_argument("--load-iodepth", type=int, default=4, metavar="N",
+                   help="writes in flight (default 4)")
+    g.add_argument("--load-seed", type=int, default=1, metavar="N",
+                   help="fio's random seed, so runs repeat (default 1)")
+    g.add_argument("--no-load", action="store_true", help="run without a write load")
+
+
+def add_setup_options(p: argparse.ArgumentParser) -> None:
+    """The embedded disks: the same names on every command that makes them."""
+    g = p.add_argument_group("embedded disks (a fresh qemu-storage-daemon per run)")
+    g.add_argument("--size", type=_size("--size"), default="1G", metavar="SIZE",
+                   help="source and target size (default 1G)")
+    g.add_argument("--target-speed", type=_rate("--target-speed"), default="100M",
+                   metavar="RATE", help="throttle the target's writes to RATE per second, "
+                                        "0 = unthrottled (default 100M)")
+
+
+def load_from_args(ns: argparse.Namespace) -> FioLoad | None:
+    if ns.no_load:
+        return None
     try:
-        return parse_rate(text, name="--speed")
+        return FioLoad(rw=ns.load_rw, bs=ns.load_bs, rate=ns.load_rate, iodepth=ns.load_iodepth,
+                       seed=ns.load_seed, latency_log=True)
     except ArgumentError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise UsageError(f"--load-{exc.argument}: {str(exc).split(': ', 1)[1]}") from None
 
 
-_rate.__name__ = "rate"
+def setup_from_args(ns: argparse.Namespace) -> Setup:
+    try:
+        return Setup(size=ns.size, target_speed=ns.target_speed or None)
+    except ArgumentError as exc:
+        raise UsageError(f"--{exc.argument.replace('_', '-')}: "
+                         f"{str(exc).split(': ', 1)[1]}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,15 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "mirror", help="mirror a block node of a running QEMU to a target",
-        description="Start blockdev-mirror on a running QEMU, show its progress, and at "
-                    "READY complete it (pivot), cancel it (keep a point-in-time copy) or "
-                    "leave it running. Exit codes: 0 done; 1 job failed or QEMU refused a "
-                    "command; 2 bad arguments (nothing started); 3 timeout.")
-    m.add_argument("--qmp", required=True, metavar="ADDR",
-                   help="QMP socket of the QEMU: a unix socket path or host:port")
-    m.add_argument("--device", required=True, metavar="NODE",
+        description="Start blockdev-mirror on a running QEMU (--qmp), show its progress, and "
+                    "at READY complete it (pivot), cancel it (keep a point-in-time copy) or "
+                    "leave it running. Without --qmp it runs on the embedded QEMU instead: a "
+                    "fresh source of --size under the --load-* write load, mirrored into a "
+                    "target throttled to --target-speed. Exit codes: 0 done; 1 job failed or "
+                    "QEMU refused a command; 2 bad arguments (nothing started); 3 timeout.")
+    m.add_argument("--qmp", metavar="ADDR",
+                   help="QMP socket of the QEMU: a unix socket path or host:port "
+                        "(omit it to run on the embedded QEMU)")
+    m.add_argument("--device", metavar="NODE",
                    help="the source: a node name, or a device (drive) name of a VM")
-    tgt = m.add_mutually_exclusive_group(required=True)
+    tgt = m.add_mutually_exclusive_group()
     tgt.add_argument("--target", metavar="NODE",
                      help="an existing target node (added with blockdev-add)")
     tgt.add_argument("--target-file", metavar="PATH", type=Path,
@@ -97,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(QEMU default: target cluster size in [4K, 64K]; 64K for raw)")
     m.add_argument("--buf-size", type=_size("--buf-size"), metavar="SIZE",
                    help="copy buffer, >= 0 (QEMU default 16M; 0 means the default)")
-    m.add_argument("--speed", type=_rate, metavar="RATE",
+    m.add_argument("--speed", type=_rate("--speed"), metavar="RATE",
                    help="copy speed limit per second, >= 0 (0 = unlimited, the default)")
     m.add_argument("--copy-mode", choices=COPY_MODES,
                    help="background (default) or write-blocking (guest writes go to both "
@@ -128,6 +196,41 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify", action="store_true",
                    help="after the job ends, compare source and target files with qemu-img "
                         "compare (meaningful only when nothing writes to the source)")
+    m.add_argument("--out", type=Path, metavar="DIR",
+                   help="record the job and write its trace folder (trace.csv, "
+                        "events.jsonl, summary.json) and plots here")
+    m.add_argument("--hz", type=_positive_float("--hz"), default=10.0, metavar="N",
+                   help="samples per second when recording (default 10; QEMU works in "
+                        "100 ms slices, so faster samples look saw-toothed)")
+    add_setup_options(m)
+    add_load_options(m)
+
+    d = sub.add_parser(
+        "demo", help="show why granularity matters, on the embedded QEMU",
+        description="Mirror the same source three times under the same 4 KiB random-write "
+                    "load into a throttled target: QEMU's defaults, 4 KiB granularity, and "
+                    "write-blocking mode. Writes each run's trace folder, overlaid "
+                    "convergence.png, throughput.png and latency.png, and demo.csv to --out, "
+                    "and prints time to READY, amplification and the guest's p99 latency.")
+    d.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="where the traces and plots go")
+    d.add_argument("--time-limit", type=_positive_float("--time-limit"), default=20.0,
+                   metavar="SECONDS",
+                   help="wait this long for READY; a run past it counts as not converged "
+                        "(default 20)")
+    d.add_argument("--hz", type=_positive_float("--hz"), default=10.0, metavar="N",
+                   help="samples per second (default 10)")
+    add_setup_options(d)
+    add_load_options(d)
+
+    pl = sub.add_parser("plot", help="redraw or overlay saved traces",
+                        description="Draw convergence.png, throughput.png (and latency.png "
+                                    "when fio's log is there) from one or more trace folders; "
+                                    "several folders are overlaid.")
+    pl.add_argument("traces", nargs="+", type=Path, metavar="DIR", help="trace folders")
+    pl.add_argument("--out", type=Path, metavar="DIR",
+                    help="where the PNGs go (default: the trace folder, or the current "
+                         "folder for several)")
 
     n = sub.add_parser("nodes", help="list the block nodes of a running QEMU",
                        description="Show the named block nodes (node name, driver, size, "
@@ -147,14 +250,16 @@ class Progress:
         self._last: tuple[float, int] | None = None
         self._drawn = False
 
-    def update(self, status: str, current: int, total: int) -> None:
+    def update(self, status: str, current: int, total: int, note: str = "",
+               rate: float | None = None) -> None:
         now = time.monotonic()
-        rate = 0.0
-        if self._last is not None and now > self._last[0]:
-            rate = max(0.0, (current - self._last[1]) / (now - self._last[0]))
+        if rate is None:
+            rate = 0.0
+            if self._last is not None and now > self._last[0]:
+                rate = max(0.0, (current - self._last[1]) / (now - self._last[0]))
         frac = current / total if total else 0.0
         text = (f"{status:<9} {frac * 100:5.1f}%  {format_size(current)} / "
-                f"{format_size(total)}  {format_rate(rate)}")
+                f"{format_size(total)}  {format_rate(rate)}" + (f"  {note}" if note else ""))
         if self.tty:
             width = 30
             fill = int(frac * width)
@@ -179,7 +284,8 @@ class Progress:
             self._drawn = False
 
 
-async def _watch(job: MirrorJob, progress: Progress, until: Any) -> None:
+async def _watch(job: Job, progress: Progress, until: Any,
+                 recording: Recording | None = None) -> None:
     """Redraw progress until ``until`` (an awaitable) finishes."""
     task = asyncio.ensure_future(until)
     try:
@@ -187,6 +293,12 @@ async def _watch(job: MirrorJob, progress: Progress, until: Any) -> None:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
                 break
+            if recording is not None:
+                if recording.samples:
+                    s = recording.samples[-1]
+                    progress.update(s.status, s.current_progress, s.total_progress,
+                                    recording.forecast().text, rate=s.throughput_bps)
+                continue
             info = await job.info()
             if info is not None:
                 progress.update(info["status"], info["current-progress"],
@@ -221,10 +333,32 @@ async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _mirror_options(ns: argparse.Namespace) -> dict[str, Any]:
+    return dict(job_id=ns.job_id, sync=ns.sync, speed=ns.speed, granularity=ns.granularity,
+                buf_size=ns.buf_size, replaces=ns.replaces,
+                on_source_error=ns.on_source_error, on_target_error=ns.on_target_error,
+                copy_mode=ns.copy_mode, filter_node_name=ns.filter_node_name,
+                auto_finalize=False if ns.no_auto_finalize else None,
+                auto_dismiss=False if ns.no_auto_dismiss else None)
+
+
+def _check_mirror_options(device: str, target: str, options: dict[str, Any]) -> None:
+    try:
+        mirror_arguments(device=device, target=target, **options)  # all checks, no I/O
+    except ArgumentError as exc:
+        raise UsageError(f"--{exc.argument.replace('_', '-')}: "
+                         f"{str(exc).split(': ', 1)[1]}") from None
+
+
 async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     until = ns.until or ("ready" if ns.then == "leave" else "done")
     if until == "done" and ns.then == "leave":
         raise UsageError("--then leave cannot be combined with --until done")
+    options = _mirror_options(ns)
+    if ns.qmp is None:
+        return await _cmd_mirror_embedded(ns, out, options)
+    if ns.device is None or (ns.target is None and ns.target_file is None):
+        raise UsageError("with --qmp, give --device and one of --target or --target-file")
     if ns.create and ns.target_file is None:
         raise UsageError("--create needs --target-file")
     if ns.target_file is not None:
@@ -235,23 +369,16 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             raise UsageError(f"--target-file {str(ns.target_file)!r} does not exist; add "
                              "--create to make it")
     target = ns.target or ns.target_node
-    options = dict(job_id=ns.job_id, sync=ns.sync, speed=ns.speed, granularity=ns.granularity,
-                   buf_size=ns.buf_size, replaces=ns.replaces,
-                   on_source_error=ns.on_source_error, on_target_error=ns.on_target_error,
-                   copy_mode=ns.copy_mode, filter_node_name=ns.filter_node_name,
-                   auto_finalize=False if ns.no_auto_finalize else None,
-                   auto_dismiss=False if ns.no_auto_dismiss else None)
-    try:
-        mirror_arguments(device=ns.device, target=target, **options)  # all checks, no I/O
-    except ArgumentError as exc:
-        raise UsageError(f"--{exc.argument.replace('_', '-')}: "
-                         f"{str(exc).split(': ', 1)[1]}") from None
+    _check_mirror_options(ns.device, target, options)
 
     progress = Progress(out)
     client = await Client.attach(ns.qmp)
     graph = BlockGraph(client, ".")
     added_target = False
     job: MirrorJob | None = None
+    recorder: Recorder | None = None
+    recording: Recording | None = None
+    saver: asyncio.Future[None] | None = None
     try:
         if ns.target_file is not None:
             if ns.create:
@@ -259,7 +386,17 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 await create_image(ns.target_file, src.size, fmt=ns.target_format)
             await graph.add_file(ns.target_node, ns.target_file, fmt=ns.target_format)
             added_target = True
+        if ns.out is not None:
+            recorder = Recorder(client, hz=ns.hz)
+            meta = {"disk_bytes": (await graph.node(ns.device)).size,
+                    "qemu_version": ".".join(map(str, await client.version())),
+                    "qmp": ns.qmp, "workload": None,
+                    "workload_text": f"attached to {ns.qmp}; the load is whatever writes there"}
         job = await start_mirror(client, device=ns.device, target=target, **options)
+        if recorder is not None:
+            recording = recorder.add(job, meta=meta)
+            recorder.start()
+            saver = asyncio.ensure_future(checkpoint(recording, ns.out))
 
         def show(event: dict[str, Any]) -> None:
             text = _describe_event(event)
@@ -271,7 +408,7 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         deadline = loop.time() + ns.timeout
         left = lambda: max(0.1, deadline - loop.time())  # noqa: E731
         started = time.monotonic()
-        await _watch(job, progress, job.wait_ready(timeout=left()))
+        await _watch(job, progress, job.wait_ready(timeout=left()), recording)
         if ns.then == "leave":
             progress.message(f"job {job.job_id} left running in READY")
             added_target = False
@@ -280,7 +417,7 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             end = job.complete(timeout=left() if until == "done" else None)
         else:
             end = job.cancel(force=False, timeout=left() if until == "done" else None)
-        await _watch(job, progress, end)
+        await _watch(job, progress, end, recording)
         if until == "done":
             state = job.state
             copied = state.offset or 0
@@ -316,6 +453,10 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_FAILED
     finally:
         progress.end()
+        if saver is not None:
+            saver.cancel()
+        if recorder is not None and recording is not None:
+            await _save_recording(recorder, recording, ns.out, progress)
         if job is not None:
             await job.abandon()
         if added_target:
@@ -324,6 +465,101 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             except QmpkitError as exc:
                 err.write(f"qmpkit: could not remove node {ns.target_node}: {exc}\n")
         await client.close()
+
+
+async def _save_recording(recorder: Recorder, recording: Recording, folder: Path,
+                          progress: Progress) -> None:
+    """Save what was recorded, whatever happened to the job."""
+    try:
+        await recorder.stop()
+    except QmpkitError as exc:
+        progress.message(f"qmpkit: the recording stopped early: {exc}")
+    trace = recording.trace()
+    trace.save(folder)
+    write_plots([trace], folder)
+    progress.message(f"trace saved in {folder}")
+
+
+async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
+                               options: dict[str, Any]) -> int:
+    if ns.device or ns.target or ns.target_file or ns.create or ns.replaces:
+        raise UsageError("--device, --target, --target-file, --create and --replaces need "
+                         "--qmp (without it, qmpkit makes its own source and target)")
+    if ns.then == "leave":
+        raise UsageError("--then leave needs --qmp: the embedded QEMU stops when qmpkit exits")
+    _check_mirror_options("src", "dst", options)
+    setup, load = setup_from_args(ns), load_from_args(ns)
+    progress = Progress(out)
+    progress.message(f"embedded QEMU: {setup.describe()}; "
+                     f"{load.describe() if load else 'no write load'}")
+    watcher: list[asyncio.Task[None]] = []
+
+    def on_start(recorder: Recorder, job: Any) -> None:
+        rec = recorder.recordings[-1]
+        watcher.append(asyncio.ensure_future(_watch(job, progress, job.wait_done(
+            timeout=ns.timeout + 600), rec)))
+
+    try:
+        result = await run_experiment(setup=setup, load=load, mirror=options,
+                                      time_limit=ns.timeout, hz=ns.hz, out=ns.out,
+                                      on_start=on_start)
+    finally:
+        for task in watcher:
+            task.cancel()
+        progress.end()
+    s = result.trace.summary
+    if ns.out is not None:
+        write_plots([result.trace], ns.out)
+        progress.message(f"trace saved in {ns.out}")
+    if not result.converged:
+        progress.message(f"qmpkit: timeout: not READY within {ns.timeout:g} s; "
+                         f"{result.trace.summary.get('error') or 'the job was cancelled'}")
+        return EXIT_TIMEOUT
+    progress.message(f"READY after {s['time_to_ready_s']:.1f} s, completed, "
+                     f"{'verified' if s.get('verified') else 'NOT verified'}; "
+                     f"{format_size(s['bytes_copied'])} copied "
+                     f"(amplification {s['amplification']:.2f})")
+    return EXIT_OK if s.get("verified") is not False else EXIT_FAILED
+
+
+async def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
+    setup, load = setup_from_args(ns), load_from_args(ns)
+    progress = Progress(out)
+    watcher: list[asyncio.Task[None]] = []
+
+    def on_start(recorder: Recorder, job: Any) -> None:
+        for task in watcher:
+            task.cancel()
+        rec = recorder.recordings[-1]
+        watcher.append(asyncio.ensure_future(_watch(job, progress, job.wait_done(
+            timeout=ns.time_limit + 600), rec)))
+
+    progress.message(f"qmpkit demo: {setup.describe()}; "
+                     f"{load.describe() if load else 'no write load'}")
+    try:
+        rows = await run_demo(ns.out, setup=setup, load=load, time_limit=ns.time_limit,
+                              hz=ns.hz, report=progress.message, on_start=on_start)
+    finally:
+        for task in watcher:
+            task.cancel()
+        progress.end()
+    progress.message("")
+    progress.message(table_text(rows, ns.time_limit))
+    return EXIT_OK
+
+
+def _cmd_plot(ns: argparse.Namespace, out: TextIO) -> int:
+    traces = []
+    for folder in ns.traces:
+        try:
+            traces.append(Trace.load(folder))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{folder}: not a trace folder ({exc})") from None
+    dest = ns.out or (ns.traces[0] if len(ns.traces) == 1 else Path("."))
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in write_plots(traces, dest):
+        out.write(f"wrote {path}\n")
+    return EXIT_OK
 
 
 async def _cancel_quietly(job: MirrorJob, progress: Progress) -> None:
@@ -340,6 +576,17 @@ async def _verify(graph: BlockGraph, device: str, target: str) -> None:
                          fmt_a=src.driver, fmt_b=dst.driver)
 
 
+def _run(coro: Any) -> int:
+    """``asyncio.run`` at the edge. SIGINT and SIGTERM cancel the work, so that
+    every ``finally`` runs: jobs are cancelled and traces saved."""
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+    return asyncio.run(guarded())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -350,8 +597,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     try:
         if ns.command == "nodes":
-            return asyncio.run(_cmd_nodes(ns, out))
-        return asyncio.run(_cmd_mirror(ns, out, err))
+            return _run(_cmd_nodes(ns, out))
+        if ns.command == "demo":
+            return _run(_cmd_demo(ns, out))
+        if ns.command == "plot":
+            return _cmd_plot(ns, out)
+        return _run(_cmd_mirror(ns, out, err))
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"qmpkit: error: {exc}\n")
     except ArgumentError as exc:
@@ -365,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.write("qmpkit: interrupted\n")
         return EXIT_INTERRUPTED
+    except asyncio.CancelledError:
+        err.write("qmpkit: terminated\n")
+        return EXIT_TERMINATED
     return EXIT_OK  # unreachable; keeps type checkers content
 
 

@@ -36,6 +36,15 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for the children qmpkit starts: the kernel kills them when
+    the thread that started them dies (PR_SET_PDEATHSIG), so a killed qmpkit
+    leaves no QEMU or fio behind."""
+    import ctypes
+    import signal
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -138,7 +147,8 @@ class StorageDaemon:
         try:
             with open(self.log_path, "wb") as logf:
                 self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                              stderr=subprocess.STDOUT, cwd=self.workdir)
+                                              stderr=subprocess.STDOUT, cwd=self.workdir,
+                                              preexec_fn=die_with_parent)
         except OSError as exc:
             self._cleanup_dir()
             self.state = DaemonState.STOPPED

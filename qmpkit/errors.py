@@ -66,8 +66,10 @@ class ToolError(QmpkitError):
         self.argv = list(argv)
         self.output = output
         self.returncode = returncode
-        super().__init__(f"{message} (exit code {returncode}): {' '.join(self.argv)}\n"
-                         f"{output.rstrip()}")
+        tail = output.rstrip()
+        if len(tail) > 2000:  # the whole output stays in .output
+            tail = "...\n" + tail[-2000:]
+        super().__init__(f"{message} (exit code {returncode}): {' '.join(self.argv)}\n{tail}")
 
 
 class QmpConnectionError(QmpkitError):

@@ -163,6 +163,7 @@ class Job:
             self._run_pump(client, self._listener), name=f"qmpkit-job-{self.job_id}")
 
     def started(self) -> None:
+        """Mark the job's start (call it just before the command that creates it)."""
         self.started_at = time.monotonic()
 
     async def abandon(self) -> None:
@@ -200,6 +201,7 @@ class Job:
                 done, _ = await asyncio.wait({get, lost}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
                     event = dict(get.result())
+                    event["received"] = time.monotonic()   # for traces: QEMU's clock differs
                     async with self._changed:
                         self.state.apply(event)
                         self._changed.notify_all()

@@ -183,11 +183,11 @@ async def start_mirror(client: Client, *, device: str, target: str,
     job = MirrorJob.watch(client, args["job-id"], arguments=args,
                           auto_finalize=args.get("auto-finalize", True),
                           auto_dismiss=args.get("auto-dismiss", True))
+    job.started()
     try:
         await client.execute("blockdev-mirror", args)
     except BaseException:
         await job.abandon()
         raise
-    job.started()
     log.info("mirror %s started: %s", args["job-id"], args)
     return job

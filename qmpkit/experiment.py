@@ -1,0 +1,211 @@
+"""
+One recorded mirror run on the embedded QEMU, end to end.
+
+`run_experiment` makes a fresh ``qemu-storage-daemon`` with a source filled
+with data and a (throttled) target, starts the fio load, then the mirror
+under a `Recorder`, waits for READY up to a time limit, and then completes and
+verifies the copy (or cancels it, recorded as not converged). The trace folder
+is written in a ``finally``: a run that fails or is interrupted still leaves
+everything recorded up to that point.
+
+The demo, the ``qmpkit mirror --out`` command and sweeps all run through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ArgumentError, JobTimeoutError, QmpkitError, VerifyError
+from .images import compare_images, convert_image, create_image
+from .mirror import mirror_arguments
+from .record import Recorder, checkpoint
+from .session import Qemu
+from .trace import Trace
+from .units import format_rate, format_size, parse_rate, parse_size
+from .workload import FioLoad, FioRunner
+
+__all__ = ["Setup", "run_experiment", "measure_offline_copy", "RunResult"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The disks of a run: a source of ``size`` filled with data, and a target
+    throttled to ``target_speed`` bytes/s (None: as fast as the disk)."""
+
+    size: int | str = "1G"
+    fmt: str = "raw"
+    target_speed: int | str | None = "100M"
+    aio: str | None = None
+
+    def __post_init__(self) -> None:
+        size = parse_size(self.size, name="size")
+        if size < 1 << 20:
+            raise ArgumentError("size", f"must be at least 1 MiB; got {self.size!r}")
+        object.__setattr__(self, "size", size)
+        if self.target_speed is not None:
+            ts = parse_rate(self.target_speed, name="target_speed")
+            if ts <= 0:
+                raise ArgumentError("target_speed", f"must be > 0 bytes/s, or None for "
+                                                    f"unthrottled; got {self.target_speed!r}")
+            object.__setattr__(self, "target_speed", ts)
+
+    def describe(self) -> str:
+        speed = f"target throttled to {format_rate(self.target_speed)}" \
+            if self.target_speed else "unthrottled target"
+        return f"{format_size(self.size)} {self.fmt} source, {speed}"
+
+
+@dataclass
+class RunResult:
+    trace: Trace
+    folder: Path | None
+    converged: bool
+    error: BaseException | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def measure_offline_copy(src: os.PathLike[str] | str, workdir: os.PathLike[str] | str, *,
+                               fmt: str = "raw") -> float:
+    """Bytes/s of ``qemu-img convert`` of ``src`` into a fresh image: the offline copy
+    speed a mirror is compared against."""
+    dst = Path(workdir) / "offline-copy.img"
+    size = os.path.getsize(src) if fmt == "raw" else None
+    await create_image(dst, size or (1 << 20), fmt=fmt)
+    t0 = time.monotonic()
+    await convert_image(src, dst, src_fmt=fmt, dst_fmt=fmt, existing=True)
+    secs = time.monotonic() - t0
+    with contextlib.suppress(OSError):
+        dst.unlink()
+    return os.path.getsize(src) / secs if secs > 0 else 0.0
+
+
+async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
+                         mirror: dict[str, Any] | None = None, time_limit: float = 60.0,
+                         hz: float = 10.0, out: os.PathLike[str] | str | None = None,
+                         label: str | None = None, verify: bool = True,
+                         offline_copy_bps: float | None = None,
+                         load_lead_s: float = 0.5,
+                         on_start: Callable[[Recorder, Any], None] | None = None,
+                         base_dir: os.PathLike[str] | str | None = None) -> RunResult:
+    """Run one mirror under a load on a fresh embedded QEMU, and record it.
+
+    :param mirror: `mirror_arguments` keywords (granularity, buf_size, copy_mode...).
+    :param time_limit: seconds to wait for READY; a run past it is not converged
+        (censored) and is cancelled.
+    :param out: the trace folder to write (also on failure); None keeps it in memory.
+    :param on_start: called with (recorder, job) once the mirror runs (for live views).
+    :raise ArgumentError: bad settings, before anything starts.
+    :raise QmpkitError: the run failed; the trace is saved first.
+    """
+    options = dict(mirror or {})
+    mirror_arguments(device="src", target="dst", **options)   # all checks, before any work
+    if time_limit <= 0:
+        raise ArgumentError("time_limit", f"must be > 0 seconds; got {time_limit!r}")
+    folder = Path(out) if out is not None else None
+    meta: dict[str, Any] = {"label": label, "disk_bytes": setup.size,
+                            "setup": {"size": setup.size, "format": setup.fmt,
+                                      "target_speed_bps": setup.target_speed},
+                            "workload": load.to_dict() if load else None,
+                            "workload_text": (load.describe() if load else "no write load") +
+                                             f"; {setup.describe()}",
+                            "time_limit_s": time_limit, "hz": hz}
+    qemu = await Qemu.open(workdir=base_dir)
+    recorder: Recorder | None = None
+    recording = None
+    fio: FioRunner | None = None
+    converged = completed = False
+    verified: bool | None = None
+    error: BaseException | None = None
+    extra: dict[str, Any] = {}
+    fio_lat: list[tuple[float, float]] = []
+    saver: asyncio.Future[None] | None = None
+    try:
+        meta["qemu_version"] = ".".join(map(str, await qemu.client.version()))
+        await qemu.nodes.add_image("src", setup.size, fmt=setup.fmt, fill="mixed",
+                                   aio=setup.aio)  # type: ignore[arg-type]
+        await qemu.nodes.add_image("disk", setup.size, fmt=setup.fmt,
+                                   aio=setup.aio)  # type: ignore[arg-type]
+        target = "disk"
+        if setup.target_speed:
+            target = await qemu.nodes.add_throttled("dst", "disk", bps_write=setup.target_speed)
+        if load is not None:
+            uri = await qemu.nodes.export_nbd("src")
+            fio = FioRunner(load, uri, qemu.workdir / "fio")
+            await fio.start()
+            fio_started = time.monotonic()
+            await asyncio.sleep(load_lead_s)   # the guest writes before the mirror starts
+        recorder = Recorder(qemu.client, hz=hz)
+        job = await qemu.mirror(device="src", target=target, **options)
+        recording = recorder.add(job, meta=meta)
+        recorder.start()
+        if folder is not None:
+            saver = asyncio.ensure_future(checkpoint(recording, folder))
+        if on_start is not None:
+            on_start(recorder, job)
+        try:
+            await job.wait_ready(timeout=time_limit)
+            converged = True
+        except JobTimeoutError:
+            log.info("%s: not READY within %g s (censored)", label, time_limit)
+        if fio is not None:
+            result = await fio.stop()
+            extra["guest"] = result.summary()
+            # fio's log counts from fio's start; the trace from the mirror's.
+            offset = (job.started_at or fio_started) - fio_started
+            fio_lat = [(round(t - offset, 3), v) for t, v in result.latency_log]
+        if converged:
+            await job.complete(timeout=max(60.0, time_limit))
+            completed = True
+        else:
+            await job.cancel(timeout=60)
+        await recorder.stop()
+        if converged and verify:
+            src_file, _ = await qemu.image_of("src")
+            dst_file, _ = await qemu.image_of("disk")
+            try:
+                await compare_images(src_file, dst_file, fmt_a=setup.fmt, fmt_b=setup.fmt)
+                verified = True
+            except VerifyError as exc:
+                verified = False
+                error = exc
+        if offline_copy_bps is None and folder is not None and verify:
+            src_file, _ = await qemu.image_of("src")
+            offline_copy_bps = await measure_offline_copy(src_file, qemu.workdir, fmt=setup.fmt)
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        if saver is not None:
+            saver.cancel()
+        if fio is not None and fio.running:
+            await fio.kill()
+        if recorder is not None:
+            try:
+                await recorder.stop()
+            except QmpkitError as exc:
+                error = error or exc
+        trace = Trace(meta=meta)
+        if recording is not None:
+            trace = recording.trace(completed=completed, verified=verified, extra=extra)
+            trace.fio_latency = fio_lat
+        if offline_copy_bps:
+            trace.summary["offline_copy_bps"] = offline_copy_bps
+        if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
+            trace.summary["error"] = "interrupted"
+        elif error is not None:
+            trace.summary["error"] = trace.summary.get("error") or \
+                f"{type(error).__name__}: {error}"
+        if folder is not None:
+            trace.save(folder)
+        with contextlib.suppress(QmpkitError):
+            await qemu.close()
+    return RunResult(trace=trace, folder=folder, converged=converged, error=error, extra=extra)

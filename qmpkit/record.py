@@ -1,0 +1,227 @@
+"""
+Record mirror jobs over time: the sampler.
+
+A `Recorder` samples every job added to it, on one QMP connection, as an
+asyncio task beside other work (a notebook's widgets, a fio load). Each tick
+costs two QMP commands however many jobs it records: ``query-jobs`` for the
+progress, and ``query-named-block-nodes`` for the dirty bitmaps.
+
+The dirty count is the job's anonymous dirty bitmap. QEMU 7.2 keeps it on the
+source node; QEMU 8.2 and later on the mirror's filter node. The recorder
+looks on both: the job's ``source`` and ``main node`` in QEMU's block graph.
+
+READY and errors come from the job's QMP events (each kept with the time it
+arrived), never from the samples. QEMU's job works in 100 ms slices, so
+samples faster than 10 Hz show a saw-tooth: the progress moves a slice at a
+time.
+
+::
+
+    async with Recorder(qemu.client, hz=10) as rec:
+        recording = rec.add(job, meta={"disk_bytes": size})
+        await job.wait_ready(timeout=120)
+    recording.trace().save("out/run1")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from .analysis import Forecast, forecast, rate, summarize
+from .client import Client
+from .errors import ArgumentError, QemuCommandError, QmpkitError
+from .job import Job
+from .trace import Sample, Trace
+
+__all__ = ["Recorder", "Recording", "checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+class Recording:
+    """The samples of one job, and its trace on demand."""
+
+    def __init__(self, job: Job, meta: dict[str, Any]) -> None:
+        self.job = job
+        self.meta = meta
+        self.samples: list[Sample] = []
+        self.dirty_nodes: tuple[str, ...] | None = None   # where the bitmap may sit
+        self.started_wall = time.time()
+
+    @property
+    def started_at(self) -> float:
+        return self.job.started_at if self.job.started_at is not None else 0.0
+
+    def forecast(self, window_s: float = 2.0) -> Forecast:
+        return forecast(self.samples, ready=self.job.state.ready, window_s=window_s)
+
+    def events(self) -> list[dict[str, Any]]:
+        """The job's QMP events, each with ``t_s`` since the job started."""
+        out = []
+        for ev in self.job.state.events:
+            out.append({"t_s": round(ev.get("received", self.started_at) - self.started_at, 6),
+                        "event": ev["event"], "data": ev.get("data", {}),
+                        "timestamp": ev.get("timestamp")})
+        return out
+
+    def trace(self, *, completed: bool | None = None, verified: bool | None = None,
+              extra: dict[str, Any] | None = None) -> Trace:
+        """A `Trace` of everything so far (callable at any time, also mid-run)."""
+        meta = {"job_id": self.job.job_id, "started_at": self.started_wall, **self.meta}
+        t = Trace(samples=list(self.samples), events=self.events(), meta=meta)
+        t.summary = summarize(t, completed=completed, verified=verified)
+        if self.job.state.failure():
+            t.summary["error"] = self.job.state.failure()
+        if extra:
+            t.summary.update(extra)
+        return t
+
+
+class Recorder:
+    """Samples jobs at ``hz`` (default 10) until stopped.
+
+    :param client: the QMP connection of the jobs.
+    :param hz: samples per second (at least 50 are held on one job here).
+    :param throughput_window_s: the window of `Sample.throughput_bps`.
+    :param dirty: read the dirty bitmaps (one more QMP command per tick).
+    """
+
+    def __init__(self, client: Client, *, hz: float = 10.0, throughput_window_s: float = 0.5,
+                 dirty: bool = True) -> None:
+        if not 0 < hz <= 1000:
+            raise ArgumentError("hz", f"must be in (0, 1000]; got {hz!r}")
+        self.client = client
+        self.hz = hz
+        self.window = throughput_window_s
+        self.dirty = dirty
+        self.recordings: list[Recording] = []
+        self.error: BaseException | None = None
+        self.ticks = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, job: Job, *, meta: dict[str, Any] | None = None) -> Recording:
+        """Record ``job`` from the next tick on."""
+        rec = Recording(job, dict(meta or {}))
+        rec.meta.setdefault("params", dict(getattr(job, "arguments", {})))
+        self.recordings.append(rec)
+        return rec
+
+    def start(self) -> "asyncio.Task[None]":
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(),
+                                                                 name="qmpkit-recorder")
+        return self._task
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def stop(self) -> None:
+        """Stop sampling (after one last sample of jobs still running).
+
+        :raise QmpkitError: the sampler itself failed (e.g. QMP connection lost).
+        """
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+            if self.error is None and self.client.connected:
+                with contextlib.suppress(QmpkitError):
+                    await self.sample()
+        if self.error is not None:
+            raise self.error
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        period = 1.0 / self.hz
+        next_t = loop.time()
+        try:
+            while True:
+                await self.sample()
+                next_t += period
+                now = loop.time()
+                if next_t < now:          # fell behind: skip ticks, do not burst
+                    next_t = now
+                await asyncio.sleep(next_t - now)
+        except QmpkitError as exc:
+            log.warning("sampler stopped: %s", exc)
+            self.error = exc
+
+    async def sample(self) -> None:
+        """Take one sample of every recorded job that QEMU still knows."""
+        live = [r for r in self.recordings if not r.job.state.finished]
+        if not live:
+            return
+        if self.dirty and any(r.dirty_nodes is None for r in live):
+            await self._locate_bitmaps(live)
+        jobs_q = self.client.execute("query-jobs")
+        if self.dirty:
+            jobs, nodes = await asyncio.gather(
+                jobs_q, self.client.execute("query-named-block-nodes", {"flat": True}))
+        else:
+            jobs, nodes = await jobs_q, []
+        now = time.monotonic()
+        by_id = {j["id"]: j for j in jobs}
+        bitmaps: dict[str, list[dict[str, Any]]] = {
+            n["node-name"]: n.get("dirty-bitmaps", []) for n in nodes}
+        self.ticks += 1
+        for rec in live:
+            info = by_id.get(rec.job.job_id)
+            if info is None:
+                continue
+            dirty = None
+            if rec.dirty_nodes:
+                counts = [b["count"] for name in rec.dirty_nodes for b in bitmaps.get(name, ())
+                          if "name" not in b]      # the job's bitmap is anonymous
+                dirty = sum(counts) if counts else None
+            cur, tot = int(info["current-progress"]), int(info["total-progress"])
+            # µs and 0.1 B/s: what a trace file keeps, so a loaded trace equals this one
+            s = Sample(t_s=round(now - rec.started_at, 6), status=info["status"],
+                       dirty_bytes=dirty,
+                       current_progress=cur, total_progress=tot, remaining_bytes=tot - cur,
+                       throughput_bps=0.0)
+            tp = rate(rec.samples + [s], "current_progress", self.window)
+            rec.samples.append(replace(s, throughput_bps=round(max(0.0, tp or 0.0), 1)))
+
+    async def _locate_bitmaps(self, recs: list[Recording]) -> None:
+        try:
+            graph = await self.client.execute("x-debug-query-block-graph")
+        except QemuCommandError:
+            # An unstable (x-) command: if it is gone, guess from the arguments.
+            for rec in recs:
+                args = getattr(rec.job, "arguments", {})
+                rec.dirty_nodes = tuple(n for n in (args.get("device"),
+                                                    args.get("filter-node-name")) if n)
+            return
+        names = {n["id"]: n for n in graph["nodes"]}
+        for rec in recs:
+            if rec.dirty_nodes is not None:
+                continue
+            job_ids = [i for i, n in names.items()
+                       if n["type"] == "block-job" and n["name"] == rec.job.job_id]
+            rec.dirty_nodes = tuple(
+                names[e["child"]]["name"] for e in graph["edges"]
+                if e["parent"] in job_ids and e["name"] in ("source", "main node"))
+
+    async def __aenter__(self) -> "Recorder":
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def checkpoint(recording: Recording, folder: Any, *, every_s: float = 1.0,
+                     **trace_kwargs: Any) -> None:
+    """Save ``recording``'s trace to ``folder`` every ``every_s`` seconds until
+    cancelled, so that even a killed process leaves a loadable trace (each file
+    is replaced atomically)."""
+    while True:
+        await asyncio.sleep(every_s)
+        recording.trace(**trace_kwargs).save(folder)

@@ -1,0 +1,175 @@
+"""
+A recorded mirror run: samples, events and metadata, saved as a folder.
+
+A trace folder holds:
+
+- ``trace.csv``     one row per sample (`Sample`'s fields, in order);
+- ``events.jsonl``  one QMP event of the job per line, with ``t_s``;
+- ``summary.json``  metadata and derived metrics (see `qmpkit.analysis.summarize`);
+- ``fio_latency.csv`` fio's per-interval write latency, when it was kept.
+
+Saving is deterministic: save, load and save again gives the same bytes.
+Plots and widgets read traces; they never talk to QEMU.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = ["Sample", "Trace", "TRACE_FILES"]
+
+TRACE_FILES = ("trace.csv", "events.jsonl", "summary.json")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One look at a running mirror.
+
+    ``t_s`` is seconds since the job started (monotonic clock). ``dirty_bytes``
+    is the count of the job's dirty bitmap (None when QEMU did not show it).
+    ``remaining_bytes`` is ``total_progress - current_progress``: the dirty
+    bytes plus the bytes in flight. ``throughput_bps`` is the copy rate over
+    the last half second.
+    """
+
+    t_s: float
+    status: str
+    dirty_bytes: int | None
+    current_progress: int
+    total_progress: int
+    remaining_bytes: int
+    throughput_bps: float
+
+
+_FIELDS = [f.name for f in fields(Sample)]
+_INT_FIELDS = {"dirty_bytes", "current_progress", "total_progress", "remaining_bytes"}
+
+
+def _fmt(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if name == "t_s":
+        return f"{value:.6f}"
+    if name == "throughput_bps":
+        return f"{value:.1f}"
+    return str(value)
+
+
+def _parse(name: str, text: str) -> Any:
+    if text == "":
+        return None
+    if name in _INT_FIELDS:
+        return int(text)
+    if name in ("t_s", "throughput_bps"):
+        return float(text)
+    return text
+
+
+def _dump_json(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+@dataclass
+class Trace:
+    """Samples, events and metadata of one mirror run.
+
+    ``meta`` holds what describes the run (``params``, ``disk_bytes``,
+    ``qemu_version``, ``workload``, ``started_at`` ...); ``summary`` the
+    derived metrics, filled by `qmpkit.analysis.summarize`.
+    """
+
+    samples: list[Sample] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    fio_latency: list[tuple[float, float]] = field(default_factory=list)  # (t_s, µs)
+
+    @property
+    def label(self) -> str:
+        return str(self.meta.get("label") or self.meta.get("params", {}).get("job-id", "mirror"))
+
+    def ready_time(self) -> float | None:
+        """When BLOCK_JOB_READY arrived (seconds since the job started), or None."""
+        for ev in self.events:
+            if ev["event"] == "BLOCK_JOB_READY":
+                return float(ev["t_s"])
+        return None
+
+    def error_events(self) -> list[dict[str, Any]]:
+        return [ev for ev in self.events if ev["event"] == "BLOCK_JOB_ERROR"
+                or (ev["event"] == "BLOCK_JOB_COMPLETED" and ev.get("data", {}).get("error"))]
+
+    # -- files ---------------------------------------------------------------
+
+    def save(self, folder: os.PathLike[str] | str) -> Path:
+        """Write the trace folder (created if needed); returns its path.
+
+        Each file is written to a temporary name and renamed, so a folder is
+        never left half-written by an interruption.
+        """
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(_FIELDS)
+        for s in self.samples:
+            w.writerow([_fmt(n, getattr(s, n)) for n in _FIELDS])
+        files = {
+            "trace.csv": buf.getvalue(),
+            "events.jsonl": "".join(json.dumps(ev, sort_keys=True) + "\n" for ev in self.events),
+            "summary.json": _dump_json({"meta": self.meta, **self.summary}),
+        }
+        if self.fio_latency:
+            files["fio_latency.csv"] = "t_s,write_lat_us\n" + "".join(
+                f"{t:.3f},{lat:.3f}\n" for t, lat in self.fio_latency)
+        for name, text in files.items():
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, folder / name)
+        return folder
+
+    @classmethod
+    def load(cls, folder: os.PathLike[str] | str) -> "Trace":
+        """Read a trace folder.
+
+        :raise FileNotFoundError: the folder holds no trace.
+        """
+        folder = Path(folder)
+        with open(folder / "trace.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or rows[0] != _FIELDS:
+            raise ValueError(f"{folder / 'trace.csv'}: not a qmpkit trace (header {rows[:1]})")
+        samples = [Sample(**{n: _parse(n, v) for n, v in zip(_FIELDS, row)}) for row in rows[1:]]
+        events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()
+                  if line.strip()]
+        summary = json.loads((folder / "summary.json").read_text())
+        meta = summary.pop("meta", {})
+        lat: list[tuple[float, float]] = []
+        lat_path = folder / "fio_latency.csv"
+        if lat_path.exists():
+            for line in lat_path.read_text().splitlines()[1:]:
+                t, v = line.split(",")
+                lat.append((float(t), float(v)))
+        return cls(samples=samples, events=events, meta=meta, summary=summary, fio_latency=lat)
+
+    def to_dataframe(self) -> "Any":
+        """The samples as a pandas DataFrame (one row per sample, indexed by t_s)."""
+        import pandas as pd
+        df = pd.DataFrame([{n: getattr(s, n) for n in _FIELDS} for s in self.samples],
+                          columns=_FIELDS)
+        return df.astype({"dirty_bytes": "Int64"})
+
+    def events_dataframe(self) -> "Any":
+        import pandas as pd
+        return pd.DataFrame([{"t_s": ev["t_s"], "event": ev["event"],
+                              "data": json.dumps(ev.get("data", {}), sort_keys=True)}
+                             for ev in self.events], columns=["t_s", "event", "data"])
+
+    def extend(self, samples: Iterable[Sample]) -> None:
+        self.samples.extend(samples)

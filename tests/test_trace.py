@@ -1,0 +1,115 @@
+"""Traces: save, load, save again byte-identical; summaries; the forecast."""
+
+from __future__ import annotations
+
+import pytest
+
+from qmpkit.analysis import SUMMARY_KEYS, forecast, rate, summarize
+from qmpkit.trace import Sample, Trace
+
+MiB = 1 << 20
+
+
+def make_trace(n=50, ready_at=None, dirty=True) -> Trace:
+    samples = []
+    for i in range(n):
+        t = round(i * 0.1, 6)   # as the recorder keeps it: µs
+        cur = int(i * 2 * MiB)
+        tot = 64 * MiB + int(i * 0.5 * MiB)
+        samples.append(Sample(t_s=t, status="ready" if ready_at and t >= ready_at else "running",
+                              dirty_bytes=max(0, tot - cur - MiB) if dirty else None,
+                              current_progress=cur, total_progress=tot,
+                              remaining_bytes=tot - cur, throughput_bps=20.0 * MiB))
+    events = [{"t_s": 0.0, "event": "JOB_STATUS_CHANGE", "data": {"id": "j", "status": "created"},
+               "timestamp": {"seconds": 1, "microseconds": 2}}]
+    if ready_at is not None:
+        events.append({"t_s": ready_at, "event": "BLOCK_JOB_READY",
+                       "data": {"device": "j", "len": 64 * MiB, "offset": 64 * MiB},
+                       "timestamp": {"seconds": 3, "microseconds": 4}})
+    tr = Trace(samples=samples, events=events,
+               meta={"disk_bytes": 64 * MiB, "params": {"job-id": "j", "granularity": 4096},
+                     "workload": {"rw": "randwrite"}, "label": "test"},
+               fio_latency=[(0.1, 50.5), (0.2, 70.25)])
+    tr.summary = summarize(tr, completed=True, verified=True)
+    return tr
+
+
+def test_save_load_save_is_byte_identical(tmp_path):
+    tr = make_trace(ready_at=3.0)
+    a = tr.save(tmp_path / "a")
+    loaded = Trace.load(a)
+    assert loaded.samples == tr.samples
+    assert loaded.events == tr.events and loaded.meta == tr.meta
+    assert loaded.fio_latency == tr.fio_latency
+    b = loaded.save(tmp_path / "b")
+    for name in ("trace.csv", "events.jsonl", "summary.json", "fio_latency.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_missing_dirty_counts_survive_a_round_trip(tmp_path):
+    tr = make_trace(dirty=False)
+    assert Trace.load(tr.save(tmp_path / "t")).samples[3].dirty_bytes is None
+
+
+def test_summary_has_every_documented_key(tmp_path):
+    tr = make_trace(ready_at=3.0)
+    s = tr.summary
+    assert set(SUMMARY_KEYS) <= set(s)
+    assert s["time_to_ready_s"] == 3.0 and s["converged"] is True
+    assert s["bytes_copied"] == 98 * MiB          # the last current_progress
+    assert s["amplification"] == pytest.approx(s["bytes_copied"] / (64 * MiB))
+    assert s["samples"] == 50 and s["achieved_hz"] == pytest.approx(10.0)
+    assert s["peak_dirty_bytes"] == 63 * MiB
+    never = summarize(make_trace(ready_at=None))
+    assert never["time_to_ready_s"] is None and never["converged"] is False
+
+
+def test_dataframes():
+    tr = make_trace(ready_at=3.0)
+    df = tr.to_dataframe()
+    assert list(df.columns) == ["t_s", "status", "dirty_bytes", "current_progress",
+                                "total_progress", "remaining_bytes", "throughput_bps"]
+    assert len(df) == 50 and df["current_progress"].is_monotonic_increasing
+    assert list(tr.events_dataframe()["event"]) == ["JOB_STATUS_CHANGE", "BLOCK_JOB_READY"]
+
+
+def test_load_refuses_a_folder_that_is_not_a_trace(tmp_path):
+    (tmp_path / "trace.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a qmpkit trace"):
+        Trace.load(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        Trace.load(tmp_path / "nothing")
+
+
+def s(t, cur, tot):
+    return Sample(t_s=t, status="running", dirty_bytes=None, current_progress=cur,
+                  total_progress=tot, remaining_bytes=tot - cur, throughput_bps=0.0)
+
+
+def test_forecast_converging():
+    # copies 100 MiB/s, work grows 20 MiB/s: remaining falls 80 MiB/s
+    samples = [s(i * 0.1, int(i * 10 * MiB), int(1000 * MiB + i * 2 * MiB)) for i in range(31)]
+    f = forecast(samples)
+    assert f.converging is True
+    assert f.copy_bps == pytest.approx(100 * MiB) and f.dirty_bps == pytest.approx(20 * MiB)
+    assert f.eta_s == pytest.approx(f.remaining_bytes / (80 * MiB))
+    assert f.text == f"READY in about {f.eta_s:.0f} s"
+
+
+def test_forecast_not_converging_names_both_rates():
+    samples = [s(i * 0.1, int(i * 10 * MiB), int(1000 * MiB + i * 32 * MiB)) for i in range(31)]
+    f = forecast(samples)
+    assert f.converging is False and f.eta_s is None
+    assert f.text == "not converging: writes dirty 320 MiB/s, the mirror copies 100 MiB/s"
+
+
+def test_forecast_measuring_and_ready():
+    assert forecast([s(0, 0, 10)]).text == "measuring..."
+    assert forecast([s(0, 0, 10), s(0.5, 1, 10)], window_s=2).converging is None
+    assert forecast([s(0, 0, 10)], ready=True).text.startswith("READY")
+
+
+def test_rate_uses_the_window():
+    samples = [s(i * 0.1, i * 100, 0) for i in range(11)]
+    assert rate(samples, "current_progress", 0.5) == pytest.approx(1000.0)
+    assert rate(samples[:1], "current_progress", 0.5) is None
