@@ -125,14 +125,15 @@ def latency(traces: Trace | Iterable[Trace]) -> Any:
         raise ValueError("no trace has a fio latency log (run the load with latency_log=True)")
     fig, ax = _figure()
     for i, tr in enumerate(ts):
-        ax.plot([t for t, _ in tr.fio_latency], [v / 1000.0 for _, v in tr.fio_latency],
+        ax.plot([t for t, _ in tr.fio_latency],
+                [max(v, 1.0) / 1000.0 for _, v in tr.fio_latency],   # log axis: no zeros
                 color=f"C{i}", linewidth=1.2, label=describe(tr))
         ready = tr.ready_time()
         if ready is not None:
             ax.axvline(ready, color=f"C{i}", linestyle="--", linewidth=1)
     ax.set_xlabel("time since the mirror started (s)")
     ax.set_ylabel("guest write latency (ms, 100 ms mean)")
-    ax.set_ylim(bottom=0)
+    ax.set_yscale("log")   # write-blocking costs 100x: one linear axis would hide the rest
     ax.grid(alpha=0.3)
     _title(ax, "Guest write latency", ts)
     ax.legend(fontsize=8, loc="best")

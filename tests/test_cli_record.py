@@ -58,7 +58,8 @@ async def test_mirror_out_records_an_attached_qemu(qemu, tmp_path):
     await qemu.nodes.add_image("dst", 32 * MiB)
     out = tmp_path / "rec"
     code, text, err = await run("mirror", "--qmp", qmp(qemu), "--device", "src", "--target",
-                                "dst", "--granularity", "4K", "--out", str(out), "--hz", "20")
+                                "dst", "--granularity", "4K", "--speed", "16M", "--out", str(out),
+                                "--hz", "20")
     assert code == 0, err
     tr = Trace.load(out)
     assert tr.ready_time() is not None and tr.summary["completed"] is True

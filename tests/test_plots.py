@@ -46,6 +46,7 @@ def test_throughput_with_offline_reference():
 def test_latency_needs_the_fio_log():
     ax = plots.latency(make_trace()).axes[0]
     assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([0.0505, 0.07025])
+    assert ax.get_yscale() == "log"
     tr = make_trace()
     tr.fio_latency = []
     with pytest.raises(ValueError, match="no trace has a fio latency log"):
