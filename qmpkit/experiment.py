@@ -141,7 +141,6 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             uri = await qemu.nodes.export_nbd("src")
             fio = FioRunner(load, uri, qemu.workdir / "fio")
             await fio.start()
-            fio_started = time.monotonic()
             await asyncio.sleep(load_lead_s)   # the guest writes before the mirror starts
         recorder = Recorder(qemu.client, hz=hz)
         job = await qemu.mirror(device="src", target=target, **options)
@@ -160,8 +159,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             result = await fio.stop()
             extra["guest"] = result.summary()
             # fio's log counts from fio's start; the trace from the mirror's.
-            offset = (job.started_at or fio_started) - fio_started
-            fio_lat = [(round(t - offset, 3), v) for t, v in result.latency_log]
+            fio_lat = fio.latency_since(job.started_at or time.monotonic())
         if converged:
             await job.complete(timeout=max(60.0, time_limit))
             completed = True

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import signal
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,7 @@ class FioRunner:
         self._output = b""
         self._reader: asyncio.Task[None] | None = None
         self._interrupted = False
+        self.started_at: float | None = None   # time.monotonic() when fio connected
 
     @property
     def pid(self) -> int | None:
@@ -191,6 +193,7 @@ class FioRunner:
             ready.cancel()
             if not exited.done():
                 exited.cancel()
+        self.started_at = time.monotonic()
         if not connected.is_set():
             await self._reap()
             what = "fio exited before it wrote anything" if self._proc.returncode is not None \
@@ -268,6 +271,13 @@ class FioRunner:
                 lat = read_latency_log(path)
         self.result = FioResult.from_json(data, lat)
         return self.result
+
+    def latency_since(self, t0: float) -> list[tuple[float, float]]:
+        """fio's latency log with times in seconds since ``t0`` (a monotonic time,
+        such as a job's start) instead of since fio's start."""
+        if self.result is None or self.started_at is None:
+            return []
+        return [(round(t - (t0 - self.started_at), 3), v) for t, v in self.result.latency_log]
 
     async def kill(self) -> None:
         """Stop fio at once, without results (used when a run is torn down)."""

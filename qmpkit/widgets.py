@@ -1,0 +1,549 @@
+"""
+ipywidgets panels for notebooks: targets, the fio load, the mirror, and a live dashboard.
+
+Every button calls a coroutine of its panel that a notebook cell (or a test)
+can also await directly: ``await panel.start()`` does what a click on
+**Start** does. Clicks schedule that coroutine on the kernel's asyncio loop
+and return its task; nothing here uses threads, and output of background
+tasks goes to the panel's own output area, never to whichever cell ran last.
+
+Plots are pushed into ``ipywidgets.Image`` widgets as PNG frames (a figure
+displayed from an asyncio task would stay empty in JupyterLab).
+
+Panels read traces and call the package; they never build QMP themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import io
+import logging
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import ipywidgets as W
+
+from . import plots
+from .errors import ArgumentError, QmpkitError
+from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, MirrorJob, mirror_arguments
+from .record import Recorder, Recording
+from .session import Qemu
+from .units import format_rate, format_size, parse_rate, parse_size
+from .workload import RW_MODES, FioLoad, FioResult, FioRunner
+
+__all__ = ["TargetPanel", "WorkloadPanel", "MirrorPanel", "Dashboard", "node_table_html"]
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+TARGET_KINDS = ("file", "throttled", "null", "faulty", "nbd")
+_LAYOUT = W.Layout(width="auto")
+_DESC = {"description_width": "140px"}
+
+
+def _text(description: str, value: str = "", placeholder: str = "") -> W.Text:
+    return W.Text(value=value, placeholder=placeholder, description=description, style=_DESC)
+
+
+def _drop(description: str, options: Any, value: Any = None) -> W.Dropdown:
+    d = W.Dropdown(options=options, description=description, style=_DESC)
+    if value is not None:
+        d.value = value
+    return d
+
+
+class _Panel:
+    """Shared plumbing: an output area, and buttons that run coroutines as tasks."""
+
+    def __init__(self) -> None:
+        self.out = W.Output(layout=W.Layout(max_height="160px", overflow="auto"))
+        self.message = W.HTML()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.last_task: asyncio.Task[Any] | None = None   # what the last click started
+        self.widget: W.Widget = W.VBox()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+        display(self.widget)
+
+    def say(self, text: str, *, error: bool = False) -> None:
+        if not text:
+            self.message.value = ""
+            return
+        color = "#b00020" if error else "#333"
+        self.message.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A task's exception would vanish: show it in this panel.
+            self.say(str(exc) if isinstance(exc, QmpkitError)
+                     else f"{type(exc).__name__}: {exc}", error=True)
+            self.out.append_stderr(f"{type(exc).__name__}: {exc}\n")
+
+    def _button(self, label: str, action: Callable[[], Awaitable[Any]], **kw: Any) -> W.Button:
+        b = W.Button(description=label, **kw)
+
+        def clicked(_b: W.Button) -> None:
+            self.last_task = self._spawn(action())
+
+        b.on_click(clicked)
+        return b
+
+    async def _guard(self, coro: Awaitable[Any]) -> Any:
+        """Run ``coro``; show a qmpkit error in the panel and re-raise it."""
+        try:
+            return await coro
+        except QmpkitError as exc:
+            self.say(str(exc), error=True)
+            raise
+
+
+def node_table_html(rows: list[dict[str, Any]]) -> str:
+    head = "<tr><th>node</th><th>driver</th><th>size</th><th>file</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(r['node'])}</td><td>{html.escape(r['driver'])}</td>"
+        f"<td>{format_size(r['size'])}</td><td>{html.escape(r['file'])}</td></tr>"
+        for r in rows)
+    return f"<table>{head}{body}</table>"
+
+
+class TargetPanel(_Panel):
+    """Create a source and a target node, then show the node graph.
+
+    Target kinds: ``file`` (raw/qcow2), ``throttled`` (a file behind a
+    MiB/s limit), ``null``, ``faulty`` (blkdebug write errors), ``nbd`` (a
+    remote export, by URI). The source is node ``source``; the target node
+    is ``target``.
+    """
+
+    def __init__(self, qemu: Qemu, *, size: str = "1G", source: str = "src",
+                 target: str = "dst") -> None:
+        super().__init__()
+        self.qemu = qemu
+        self.source_name, self.target_name = source, target
+        self.size = _text("size", size, "e.g. 1G, 512M")
+        self.fmt = _drop("format", ("raw", "qcow2"), "raw")
+        self.fill = _drop("source data", [("mixed pattern", "mixed"), ("empty", None)], "mixed")
+        self.kind = _drop("target", TARGET_KINDS, "throttled")
+        self.target_fmt = _drop("target format", ("raw", "qcow2"), "raw")
+        self.limit = W.FloatText(value=100.0, description="limit (MiB/s)", style=_DESC)
+        self.errno = _drop("fault", ("ENOSPC", "EIO"), "ENOSPC")
+        self.once = W.Checkbox(value=True, description="fail only once")
+        self.uri = _text("NBD URI", "", "nbd://host:port/export or nbd+unix:///x?socket=PATH")
+        self.create_button = self._button("Create", self.create, button_style="primary")
+        self.graph = W.HTML()
+        self.widget = W.VBox([
+            W.HTML("<b>Source and target</b>"),
+            W.HBox([self.size, self.fmt, self.fill]),
+            W.HBox([self.kind, self.target_fmt]),
+            W.HBox([self.limit, self.errno, self.once]),
+            self.uri, self.create_button, self.message, self.graph, self.out])
+
+    async def create(self) -> tuple[str, str]:
+        """Create the source and the target as chosen; returns their node names.
+
+        :raise ArgumentError: a bad size, limit or URI (nothing is created).
+        """
+        return await self._guard(self._create())
+
+    async def _create(self) -> tuple[str, str]:
+        size = parse_size(self.size.value, name="size")
+        if size <= 0:
+            raise ArgumentError("size", f"must be > 0, got {self.size.value!r}")
+        kind = self.kind.value
+        if kind == "throttled" and not self.limit.value > 0:
+            raise ArgumentError("limit", f"must be > 0 MiB/s, got {self.limit.value}")
+        if kind == "nbd" and not self.uri.value.strip():
+            raise ArgumentError("uri", "give the NBD URI of the remote target")
+        self.create_button.disabled = True
+        try:
+            g = self.qemu.nodes
+            src, dst = self.source_name, self.target_name
+            await g.add_image(src, size, fmt=self.fmt.value, fill=self.fill.value)
+            if kind == "file":
+                await g.add_image(dst, size, fmt=self.target_fmt.value)
+            elif kind == "throttled":
+                await g.add_image(f"{dst}-disk", size, fmt=self.target_fmt.value)
+                await g.add_throttled(dst, f"{dst}-disk", bps_write=int(self.limit.value * MiB))
+            elif kind == "null":
+                await g.add_null(dst, size)
+            elif kind == "faulty":
+                await g.add_blkdebug(dst, size=size, fmt=self.target_fmt.value,
+                                     errno=self.errno.value, once=self.once.value)
+            else:
+                await g.add_nbd(dst, self.uri.value.strip())
+            await self.refresh()
+            self.say(f"created {src} ({format_size(size)}) and a {kind} target {dst}")
+            return src, dst
+        finally:
+            self.create_button.disabled = False
+
+    async def refresh(self) -> list[dict[str, Any]]:
+        rows = await self.qemu.nodes.table()
+        self.graph.value = node_table_html(rows)
+        return rows
+
+
+class WorkloadPanel(_Panel):
+    """Start and stop a fio write load into a node (through an NBD export)."""
+
+    def __init__(self, qemu: Qemu, *, node: str = "src", rate: str = "20M", bs: str = "4K",
+                 rw: str = "randwrite") -> None:
+        super().__init__()
+        self.qemu, self.node = qemu, node
+        self.rate = _text("rate (per s)", rate, "0 = unlimited")
+        self.bs = _text("block size", bs)
+        self.rw = _drop("pattern", RW_MODES, rw)
+        self.start_button = self._button("Start load", self.start, button_style="success")
+        self.stop_button = self._button("Stop load", self.stop, disabled=True)
+        self.runner: FioRunner | None = None
+        self.result: FioResult | None = None
+        self._uri: str | None = None
+        self.widget = W.VBox([W.HTML("<b>Guest-like write load (fio)</b>"),
+                              W.HBox([self.rw, self.bs, self.rate]),
+                              W.HBox([self.start_button, self.stop_button]), self.message,
+                              self.out])
+
+    def load(self) -> FioLoad:
+        return FioLoad(rw=self.rw.value, bs=self.bs.value, rate=self.rate.value,
+                       latency_log=True)
+
+    async def start(self) -> None:
+        """Start fio; returns once it writes. :raise ArgumentError, ToolError:"""
+        await self._guard(self._start())
+
+    async def _start(self) -> None:
+        load = self.load()
+        if self.runner is not None and self.runner.running:
+            raise ArgumentError("load", "a load is already running")
+        if self._uri is None:
+            self._uri = await self.qemu.nodes.export_nbd(self.node)
+        self.runner = FioRunner(load, self._uri, self.qemu.workdir / "fio")
+        await self.runner.start()
+        self.start_button.disabled, self.stop_button.disabled = True, False
+        self.say(f"{load.describe()} into {self.node}")
+
+    def latency_for(self, recording: Recording) -> list[tuple[float, float]]:
+        """fio's latency log on the recording's clock (seconds since its job started)."""
+        if self.runner is None:
+            return []
+        return self.runner.latency_since(recording.started_at)
+
+    async def stop(self) -> FioResult | None:
+        """Stop fio and keep its results (None if it was not running)."""
+        if self.runner is None or not self.runner.running:
+            return None
+        self.result = await self._guard(self.runner.stop())
+        self.start_button.disabled, self.stop_button.disabled = False, True
+        r = self.result
+        self.say(f"stopped: {format_rate(r.write_bw_bps)} written, p50 {r.write_p50_us:.0f} µs, "
+                 f"p99 {r.write_p99_us:.0f} µs")
+        return r
+
+
+def _opt(default_text: str, values: tuple[str, ...]) -> list[tuple[str, Any]]:
+    return [(f"default ({default_text})", None)] + [(v, v) for v in values]
+
+
+class MirrorPanel(_Panel):
+    """Every ``blockdev-mirror`` argument, Start/Pause/Cancel/Complete, a live speed
+    slider and a status line. Invalid values are refused here, before QEMU is asked.
+    """
+
+    def __init__(self, qemu: Qemu, *, device: str = "src", target: str = "dst",
+                 hz: float = 10.0) -> None:
+        super().__init__()
+        self.qemu, self.hz = qemu, hz
+        self.device = _text("device", device)
+        self.target = _text("target", target)
+        self.job_id = _text("job-id", "", "default: the device name")
+        self.sync = _drop("sync", SYNC_MODES, "full")
+        self.granularity = _text("granularity", "", "default: 64K for raw (power of 2)")
+        self.buf_size = _text("buf-size", "", "default: 16M")
+        self.speed = _text("speed", "", "default: 0 = unlimited")
+        self.replaces = _text("replaces", "", "default: the device")
+        self.on_source_error = _drop("on-source-error", _opt("report", ON_ERROR))
+        self.on_target_error = _drop("on-target-error", _opt("report", ON_ERROR))
+        self.copy_mode = _drop("copy-mode", _opt("background", COPY_MODES))
+        self.filter_node_name = _text("filter-node-name", "", "default: QEMU picks")
+        self.auto_finalize = _drop("auto-finalize", [("default (true)", None), ("true", True),
+                                                     ("false", False)])
+        self.auto_dismiss = _drop("auto-dismiss", [("default (true)", None), ("true", True),
+                                                   ("false", False)])
+        self.start_button = self._button("Start", self.start, button_style="primary")
+        self.pause_button = self._button("Pause", self.toggle_pause, disabled=True)
+        self.cancel_button = self._button("Cancel", self.cancel, disabled=True,
+                                          button_style="warning")
+        self.complete_button = self._button("Complete", self.complete, disabled=True,
+                                            button_style="success")
+        self.speed_slider = W.IntSlider(value=0, min=0, max=1000, step=10,
+                                        description="speed MiB/s (0 = unlimited)",
+                                        style={"description_width": "200px"},
+                                        layout=W.Layout(width="520px"), continuous_update=False)
+        self.speed_slider.observe(self._slider_moved, names="value")
+        self.status = W.HTML("<b>status:</b> not started")
+        self.job: MirrorJob | None = None
+        self.recorder: Recorder | None = None
+        self.recording: Recording | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        for w in self._inputs():
+            w.observe(lambda _c: self.validate(), names="value")
+        self.widget = W.VBox([
+            W.HTML("<b>blockdev-mirror</b> (empty fields and defaults are left to QEMU)"),
+            W.HBox([self.device, self.target, self.job_id]),
+            W.HBox([self.sync, self.granularity, self.buf_size]),
+            W.HBox([self.speed, self.copy_mode, self.replaces]),
+            W.HBox([self.on_source_error, self.on_target_error, self.filter_node_name]),
+            W.HBox([self.auto_finalize, self.auto_dismiss]),
+            self.message,
+            W.HBox([self.start_button, self.pause_button, self.cancel_button,
+                    self.complete_button]),
+            self.speed_slider, self.status, self.out])
+
+    def _inputs(self) -> list[W.Widget]:
+        return [self.device, self.target, self.job_id, self.sync, self.granularity,
+                self.buf_size, self.speed, self.replaces, self.on_source_error,
+                self.on_target_error, self.copy_mode, self.filter_node_name,
+                self.auto_finalize, self.auto_dismiss]
+
+    def options(self) -> dict[str, Any]:
+        """The panel's settings as `mirror_arguments` keywords (empty = QEMU's default)."""
+        def text(w: W.Text) -> str | None:
+            return w.value.strip() or None
+        return dict(device=self.device.value.strip(), target=self.target.value.strip(),
+                    job_id=text(self.job_id), sync=self.sync.value,
+                    granularity=text(self.granularity), buf_size=text(self.buf_size),
+                    speed=text(self.speed), replaces=text(self.replaces),
+                    on_source_error=self.on_source_error.value,
+                    on_target_error=self.on_target_error.value,
+                    copy_mode=self.copy_mode.value, filter_node_name=text(self.filter_node_name),
+                    auto_finalize=self.auto_finalize.value, auto_dismiss=self.auto_dismiss.value)
+
+    def validate(self) -> dict[str, Any] | None:
+        """Check the settings; show the first problem and disable Start. Returns the
+        exact QMP arguments, or None when something is invalid."""
+        try:
+            args = mirror_arguments(**self.options())
+        except ArgumentError as exc:
+            self.say(f"{exc.argument.replace('_', '-')}: {str(exc).split(': ', 1)[1]}",
+                     error=True)
+            self.start_button.disabled = True
+            return None
+        self.say("")
+        self.start_button.disabled = self.job is not None and not self.job.state.finished
+        return args
+
+    # -- actions (each also callable from a cell) ------------------------------
+
+    async def start(self) -> MirrorJob:
+        """Start the mirror with the panel's settings, and record it.
+
+        :raise ArgumentError: a setting is invalid (nothing is sent).
+        """
+        if self.validate() is None:
+            raise ArgumentError("settings", self.message.value)
+        opts = self.options()
+        self.start_button.disabled = True
+        try:
+            job = await self._guard(self.qemu.mirror(**opts))
+        except BaseException:
+            self.start_button.disabled = False
+            raise
+        self.job = job
+        size = (await self.qemu.nodes.node(opts["device"])).size
+        self.recorder = Recorder(self.qemu.client, hz=self.hz)
+        self.recording = self.recorder.add(job, meta={"disk_bytes": size})
+        self.recorder.start()
+        job.on_event(self._on_event)
+        self._watcher = asyncio.ensure_future(self._watch())
+        self.pause_button.disabled = self.cancel_button.disabled = False
+        if self.speed.value.strip():
+            self.speed_slider.unobserve(self._slider_moved, names="value")
+            self.speed_slider.value = min(1000, parse_rate(self.speed.value) // MiB)
+            self.speed_slider.observe(self._slider_moved, names="value")
+        self._update_status()
+        return job
+
+    async def wait_ready(self, *, timeout: float = 120.0) -> None:
+        assert self.job is not None, "start the mirror first"
+        await self.job.wait_ready(timeout=timeout)
+        self._update_status()
+
+    async def toggle_pause(self) -> None:
+        assert self.job is not None
+        if self.job.state.status in ("paused", "standby"):
+            await self.resume()
+        else:
+            await self.pause()
+
+    async def pause(self) -> None:
+        assert self.job is not None, "start the mirror first"
+        await self._guard(self.job.pause())
+        self.pause_button.description = "Resume"
+        self._update_status()
+
+    async def resume(self) -> None:
+        assert self.job is not None, "start the mirror first"
+        await self._guard(self.job.resume())
+        self.pause_button.description = "Pause"
+        self._update_status()
+
+    async def cancel(self) -> None:
+        """Cancel (a READY mirror ends with a point-in-time copy and no pivot)."""
+        assert self.job is not None, "start the mirror first"
+        await self._guard(self.job.cancel(force=not self.job.state.ready))
+        await self._finish()
+
+    async def complete(self) -> None:
+        """Pivot to the target and wait until the job has ended."""
+        assert self.job is not None, "start the mirror first"
+        await self._guard(self.job.complete())
+        await self._finish()
+
+    async def set_speed(self, mib_per_s: int) -> None:
+        assert self.job is not None, "start the mirror first"
+        await self._guard(self.job.set_speed(int(mib_per_s) * MiB))
+        self._update_status()
+
+    def _slider_moved(self, change: dict[str, Any]) -> None:
+        if self.job is not None and not self.job.state.finished:
+            self.last_task = self._spawn(self.set_speed(change["new"]))
+
+    async def _finish(self) -> None:
+        if self.recorder is not None:
+            try:
+                await self.recorder.stop()
+            except QmpkitError as exc:
+                self.say(f"recording stopped early: {exc}", error=True)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._update_status()
+
+    # -- status ------------------------------------------------------------------
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self._update_status()
+
+    async def _watch(self) -> None:
+        while self.job is not None and not self.job.state.finished:
+            self._update_status()
+            await asyncio.sleep(0.25)
+        self._update_status()
+
+    def status_text(self) -> str:
+        if self.job is None:
+            return "not started"
+        st = self.job.state
+        parts = [f"job {self.job.job_id}: {st.status or 'starting'}"]
+        if st.end is not None:
+            parts.append(f"ended: {st.end.value}" + (f" ({st.error})" if st.error else ""))
+        elif self.recording is not None:
+            parts.append(self.recording.forecast().text)
+        if st.errors:
+            e = st.errors[-1]
+            parts.append(f"last error: {e.get('operation')} error, action {e.get('action')}")
+        return " | ".join(parts)
+
+    def _update_status(self) -> None:
+        self.status.value = f"<b>status:</b> {html.escape(self.status_text())}"
+        if self.job is None:
+            return
+        st = self.job.state
+        live = not st.finished
+        self.complete_button.disabled = not (live and st.status == "ready")
+        self.pause_button.disabled = self.cancel_button.disabled = not live
+        self.pause_button.description = "Resume" if st.status in ("paused", "standby") \
+            else "Pause"
+        self.start_button.disabled = live
+
+
+class Dashboard(_Panel):
+    """Live convergence and throughput plots of a `MirrorPanel`'s job.
+
+    Frames are PNGs pushed into two Image widgets, ``fps`` times a second
+    (default 2), from an asyncio task, so buttons and the slider stay live.
+    """
+
+    def __init__(self, mirror: MirrorPanel, *, fps: float = 2.0, folder: str = "traces/run") -> None:
+        super().__init__()
+        self.mirror, self.fps = mirror, fps
+        self.convergence = W.Image(format="png", layout=W.Layout(width="640px"))
+        self.throughput = W.Image(format="png", layout=W.Layout(width="640px"))
+        self.folder = _text("save to", folder)
+        self.save_button = self._button("Save trace", self.save)
+        self.frames = 0
+        self._drawn = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.widget = W.VBox([W.HTML("<b>Live dashboard</b>"), self.convergence,
+                              self.throughput, W.HBox([self.folder, self.save_button]),
+                              self.message, self.out])
+
+    def start(self) -> asyncio.Task[None]:
+        """Redraw until the job ends (started by the cell that shows the dashboard)."""
+        if self._task is None or self._task.done():
+            self._task = self._spawn(self._run())
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.render()
+
+    async def _run(self) -> None:
+        period = 1.0 / self.fps
+        while True:
+            self.render()
+            job = self.mirror.job
+            if job is not None and job.state.finished:
+                return
+            await asyncio.sleep(period)
+
+    def render(self) -> bool:
+        """Draw one frame from the recording so far; False when there is nothing yet."""
+        rec = self.mirror.recording
+        if rec is None or not rec.samples:
+            return False
+        trace = rec.trace()
+        self.convergence.value = _png(plots.convergence(trace))
+        self.throughput.value = _png(plots.throughput(trace))
+        self.frames += 1
+        self._drawn.set()
+        return True
+
+    async def wait_frames(self, count: int, *, timeout: float = 30.0) -> None:
+        """Wait until ``count`` frames have been drawn in all."""
+        async def drawn() -> None:
+            while self.frames < count:
+                self._drawn.clear()
+                await self._drawn.wait()
+        await asyncio.wait_for(drawn(), timeout)
+
+    async def save(self) -> Path:
+        """Save the run so far as a trace folder (also mid-run)."""
+        rec = self.mirror.recording
+        if rec is None:
+            raise ArgumentError("trace", "nothing recorded yet: start the mirror first")
+        folder = rec.trace().save(self.folder.value)
+        self.say(f"saved {folder}")
+        return folder
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    return buf.getvalue()
