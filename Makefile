@@ -5,8 +5,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := qemu-system-common qemu-utils fio
-TOOLS := qemu-storage-daemon qemu-img qemu-io fio
+# chromium: the browser test drives JupyterLab in Debian's Chromium (never a downloaded one)
+APT_PACKAGES := qemu-system-common qemu-utils fio chromium
+TOOLS := qemu-storage-daemon qemu-img qemu-io fio chromium
 STAMP := $(VENV)/.qmpkit-installed
 LAB_PORT ?= 8888
 

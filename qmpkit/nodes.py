@@ -112,6 +112,14 @@ class BlockGraph:
                                 file=ins.get("file", ""), read_only=bool(ins.get("ro")))
         raise ArgumentError("node", f"QEMU has no block node or device named {name!r}")
 
+    async def children(self, node_name: str) -> dict[str, str]:
+        """A node's children by edge name (``file``, ``backing``...), from QEMU's block graph."""
+        graph = await self.client.execute("x-debug-query-block-graph")
+        ids = {n["id"]: n for n in graph["nodes"]}
+        return {e["name"]: ids[e["child"]]["name"] for e in graph["edges"]
+                if ids[e["parent"]]["type"] == "block-driver"
+                and ids[e["parent"]]["name"] == node_name}
+
     async def table(self) -> list[dict[str, Any]]:
         """The node graph as rows (node name, driver, size, file), for display."""
         return [{"node": n.node_name, "driver": n.driver, "size": n.size, "file": n.file}

@@ -30,6 +30,9 @@ from .nodes import BlockGraph
 
 __all__ = ["Qemu"]
 
+#: drivers that pass data through to their ``file`` child unchanged
+FILTERS = ("throttle", "copy-on-read", "preallocate", "compress")
+
 
 class Qemu:
     """A QEMU to mirror on, with its node graph (`nodes`) and a private workdir."""
@@ -81,12 +84,18 @@ class Qemu:
         :raise ArgumentError: the node is not such an image.
         """
         info = await self.nodes.node(node_name)
-        fmt = info.driver
-        if fmt not in FORMATS:
-            raise ArgumentError("node", f"{node_name!r} is a {fmt} node, not a raw/qcow2 "
-                                        "image on a local file: it cannot be compared")
+        seen = {info.node_name}
+        while info.driver not in FORMATS:
+            # A filter (throttle, ...) over an image: look through it.
+            child = (await self.nodes.children(info.node_name)).get("file")
+            if info.driver not in FILTERS or child is None or child in seen:
+                raise ArgumentError("node", f"{node_name!r} is a {info.driver} node, not a "
+                                            "raw/qcow2 image on a local file (or a filter "
+                                            "over one): it cannot be compared")
+            seen.add(child)
+            info = await self.nodes.node(child)
         path = await self.nodes.image_file(info)
-        return path, fmt
+        return path, info.driver
 
     async def verify(self, source: str, target: str) -> None:
         """Check that two image nodes hold the same data (``qemu-img compare``).

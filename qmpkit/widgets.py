@@ -19,6 +19,7 @@ import asyncio
 import html
 import io
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -61,6 +62,10 @@ class _Panel:
         self.message = W.HTML()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_task: asyncio.Task[Any] | None = None   # what the last click started
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
         self.widget: W.Widget = W.VBox()
 
     def _ipython_display_(self) -> None:
@@ -75,10 +80,25 @@ class _Panel:
         self.message.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        # Clicks may be delivered outside the loop the panel (and its QMP
+        # connection) lives on: always run the coroutine on that loop.
+        loop = self._loop
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is loop:
+            task = asyncio.ensure_future(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+            return task
+        return asyncio.run_coroutine_threadsafe(self._on_loop(coro), loop)  # type: ignore
+
+    async def _on_loop(self, coro: Awaitable[Any]) -> Any:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
-        return task
+        return await task
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -95,6 +115,7 @@ class _Panel:
         b = W.Button(description=label, **kw)
 
         def clicked(_b: W.Button) -> None:
+            log.debug("%s clicked (thread %s)", label, threading.current_thread().name)
             self.last_task = self._spawn(action())
 
         b.on_click(clicked)
@@ -262,9 +283,11 @@ class MirrorPanel(_Panel):
     """
 
     def __init__(self, qemu: Qemu, *, device: str = "src", target: str = "dst",
-                 hz: float = 10.0) -> None:
+                 hz: float = 10.0, verify: bool = True) -> None:
         super().__init__()
         self.qemu, self.hz = qemu, hz
+        self.verify_after = verify
+        self.verified: bool | None = None
         self.device = _text("device", device)
         self.target = _text("target", target)
         self.job_id = _text("job-id", "", "default: the device name")
@@ -297,6 +320,7 @@ class MirrorPanel(_Panel):
         self.recorder: Recorder | None = None
         self.recording: Recording | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self.started_callbacks: list[Callable[[], Any]] = []   # e.g. a Dashboard's start
         for w in self._inputs():
             w.observe(lambda _c: self.validate(), names="value")
         self.widget = W.VBox([
@@ -367,6 +391,8 @@ class MirrorPanel(_Panel):
         self.recorder.start()
         job.on_event(self._on_event)
         self._watcher = asyncio.ensure_future(self._watch())
+        for callback in self.started_callbacks:
+            callback()
         self.pause_button.disabled = self.cancel_button.disabled = False
         if self.speed.value.strip():
             self.speed_slider.unobserve(self._slider_moved, names="value")
@@ -406,10 +432,22 @@ class MirrorPanel(_Panel):
         await self._finish()
 
     async def complete(self) -> None:
-        """Pivot to the target and wait until the job has ended."""
+        """Pivot to the target, wait until the job has ended, then (with ``verify``)
+        compare source and target. Stop the writer first: a source that changes
+        after the pivot no longer matches."""
         assert self.job is not None, "start the mirror first"
         await self._guard(self.job.complete())
         await self._finish()
+        if self.verify_after:
+            try:
+                await self.qemu.verify(self.job.device, self.job.target)
+                self.verified = True
+            except ArgumentError as exc:        # not local images: nothing to compare
+                self.say(f"not verified: {exc}")
+            except QmpkitError as exc:
+                self.verified = False
+                self.say(f"NOT verified: {exc}", error=True)
+            self._update_status()
 
     async def set_speed(self, mib_per_s: int) -> None:
         assert self.job is not None, "start the mirror first"
@@ -445,11 +483,16 @@ class MirrorPanel(_Panel):
         if self.job is None:
             return "not started"
         st = self.job.state
-        parts = [f"job {self.job.job_id}: {st.status or 'starting'}"]
         if st.end is not None:
-            parts.append(f"ended: {st.end.value}" + (f" ({st.error})" if st.error else ""))
-        elif self.recording is not None:
-            parts.append(self.recording.forecast().text)
+            parts = [f"job {self.job.job_id} ended: {st.end.value}" +
+                     (f" ({st.error})" if st.error else "")]
+            if self.verified is not None:
+                parts.append("verified: target matches source" if self.verified
+                             else "NOT verified: target differs from source")
+        else:
+            parts = [f"job {self.job.job_id}: {st.status or 'starting'}"]
+            if self.recording is not None:
+                parts.append(self.recording.forecast().text)
         if st.errors:
             e = st.errors[-1]
             parts.append(f"last error: {e.get('operation')} error, action {e.get('action')}")
@@ -485,12 +528,13 @@ class Dashboard(_Panel):
         self.frames = 0
         self._drawn = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        mirror.started_callbacks.append(self.start)   # redraw from the moment it starts
         self.widget = W.VBox([W.HTML("<b>Live dashboard</b>"), self.convergence,
                               self.throughput, W.HBox([self.folder, self.save_button]),
                               self.message, self.out])
 
     def start(self) -> asyncio.Task[None]:
-        """Redraw until the job ends (started by the cell that shows the dashboard)."""
+        """Redraw until the job ends (called when the mirror panel starts its job)."""
         if self._task is None or self._task.done():
             self._task = self._spawn(self._run())
         return self._task

@@ -73,7 +73,6 @@ async def test_mirror_panel_start_pause_slider_complete(qemu):
                              "speed": 8 * MiB, "copy-mode": "background"}
     assert panel.speed_slider.value == 8
     assert panel.complete_button.disabled               # not READY yet
-    dash.start()
     await click(panel, panel.pause_button)
     assert (await job.info())["status"] == "paused"
     assert panel.pause_button.description == "Resume"
