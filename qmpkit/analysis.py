@@ -30,6 +30,10 @@ SUMMARY_KEYS = ("time_to_ready_s", "converged", "completed", "verified", "bytes_
                 "samples", "achieved_hz", "params", "workload")
 
 
+#: the work left must shrink by this fraction of the copy rate to count as converging
+CONVERGING_MARGIN = 0.05
+
+
 def rate(samples: Sequence[Sample], attr: str, window_s: float) -> float | None:
     """How fast ``attr`` grew over the last ``window_s`` seconds (per second), or None
     when the samples span too little time."""
@@ -72,7 +76,7 @@ class Forecast:
 
 
 def forecast(samples: Sequence[Sample], *, ready: bool = False,
-             window_s: float = 2.0) -> Forecast:
+             window_s: float = 3.0) -> Forecast:
     """Forecast from the last ``window_s`` seconds of samples.
 
     A job that is not yet measured (less than half the window) is
@@ -85,11 +89,25 @@ def forecast(samples: Sequence[Sample], *, ready: bool = False,
         return Forecast(False, None, None, None, None, remaining)
     copy = rate(samples, "current_progress", window_s) or 0.0
     dirty = rate(samples, "total_progress", window_s) or 0.0
-    net = copy - dirty
-    # Converging only when the work shrinks by a visible margin (1% of the copy rate).
-    if net > 0.01 * max(copy, 1.0):
+    # How fast the work left shrinks: the least-squares slope over the window,
+    # steadier than two end points when the job hovers near equilibrium.
+    recent = [s for s in samples if s.t_s >= samples[-1].t_s - window_s]
+    net = -_slope([s.t_s for s in recent], [s.remaining_bytes for s in recent])
+    # Converging only when the work shrinks by a clear margin: 5% of the copy rate.
+    # Near equilibrium (writes dirty about what is copied) the sign flips with
+    # noise, and an "ETA" of minutes that never arrives helps nobody.
+    if net > CONVERGING_MARGIN * max(copy, 1.0):
         return Forecast(False, True, remaining / net, copy, dirty, remaining)
     return Forecast(False, False, None, copy, dirty, remaining)
+
+
+def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
 
 
 def summarize(trace: Trace, *, completed: bool | None = None,

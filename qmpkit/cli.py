@@ -223,6 +223,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_setup_options(d)
     add_load_options(d)
 
+    sw = sub.add_parser(
+        "sweep", help="tune granularity and buf-size: a grid of mirrors, heatmaps, a pick",
+        description="Run every combination of --granularity x --buf-size (x --copy-mode x "
+                    "--speed), plus QEMU's defaults, --repeat times each on fresh images of "
+                    "the embedded QEMU under one write load, in a shuffled order, with the "
+                    "offline copy (qemu-img convert) as baseline. Writes results.csv, "
+                    "summary.csv, heatmap_*.png and recommendation.json to --out. Started "
+                    "again on the same --out, it resumes without redoing finished runs.")
+    sw.add_argument("--granularity", default="4K,64K,1M", metavar="LIST",
+                    help="comma-separated sizes, powers of two in [512 B, 64 MiB], or "
+                         "'default' (default: 4K,64K,1M)")
+    sw.add_argument("--buf-size", default="1M,16M", metavar="LIST",
+                    help="comma-separated sizes >= 0, or 'default' (default: 1M,16M)")
+    sw.add_argument("--copy-mode", default="background", metavar="LIST",
+                    help="comma-separated: background, write-blocking (default: background)")
+    sw.add_argument("--speed", default="default", metavar="LIST",
+                    help="comma-separated rates, or 'default' for unlimited")
+    sw.add_argument("--repeat", type=int, default=3, metavar="N",
+                    help="runs per configuration (default 3)")
+    sw.add_argument("--out", type=Path, required=True, metavar="DIR",
+                    help="where runs, results and plots go (and where a sweep resumes)")
+    sw.add_argument("--time-limit", type=_positive_float("--time-limit"), default=30.0,
+                    metavar="SECONDS", help="a run not READY by then is censored: not "
+                                            "converged (default 30)")
+    sw.add_argument("--early-stop", action="store_true",
+                    help="stop a run early once its forecast has said 'not converging' for 3 s")
+    sw.add_argument("--latency-budget-ms", type=_positive_float("--latency-budget-ms"),
+                    metavar="MS", help="the guest's p99 write latency the pick must keep")
+    sw.add_argument("--seed", type=int, default=0, metavar="N",
+                    help="shuffles the run order (default 0); the same seed, the same order")
+    sw.add_argument("--hz", type=_positive_float("--hz"), default=10.0, metavar="N",
+                    help="samples per second (default 10)")
+    add_setup_options(sw)
+    add_load_options(sw)
+
     pl = sub.add_parser("plot", help="redraw or overlay saved traces",
                         description="Draw convergence.png, throughput.png (and latency.png "
                                     "when fio's log is there) from one or more trace folders; "
@@ -548,6 +583,84 @@ async def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+def _list(text: str, option: str, parse: Any) -> list[Any]:
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            raise UsageError(f"{option}: empty item in {text!r}")
+        if item == "default":
+            values.append(None)
+            continue
+        try:
+            values.append(parse(item))
+        except ArgumentError as exc:
+            raise UsageError(f"{option}: {str(exc).split(': ', 1)[1]}") from None
+    return values
+
+
+async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
+    from .mirror import check_granularity
+    from .sweep import grid, run_sweep
+
+    def copy_mode(v: str) -> str:
+        if v not in COPY_MODES:
+            raise ArgumentError("copy_mode", f"must be one of {', '.join(COPY_MODES)}; "
+                                             f"got {v!r}")
+        return v
+
+    if ns.repeat < 1:
+        raise UsageError(f"--repeat: must be >= 1, got {ns.repeat}")
+    configs = grid(granularity=_list(ns.granularity, "--granularity", check_granularity),
+                   buf_size=_list(ns.buf_size, "--buf-size",
+                                  lambda v: parse_size(v, name="buf_size")),
+                   copy_mode=_list(ns.copy_mode, "--copy-mode", copy_mode),
+                   speed=_list(ns.speed, "--speed", lambda v: parse_rate(v, name="speed")))
+    setup, load = setup_from_args(ns), load_from_args(ns)
+    stream = out
+
+    def progress(k: int, n: int, label: str, eta: float | None) -> None:
+        eta_text = f", ETA {eta / 60:.0f} min {eta % 60:.0f} s" if eta is not None else ""
+        bar = "#" * int(30 * (k - 1) / n) + "." * (30 - int(30 * (k - 1) / n))
+        stream.write(f"[{bar}] run {k} of {n}{eta_text}: {label}\n")
+        stream.flush()
+
+    out.write(f"qmpkit sweep: {len(configs)} configurations x {ns.repeat} + offline copy; "
+              f"{setup.describe()}; {load.describe() if load else 'no write load'}\n")
+    result = await run_sweep(ns.out, configs=configs, repeat=ns.repeat, setup=setup, load=load,
+                             time_limit=ns.time_limit, seed=ns.seed, early_stop=ns.early_stop,
+                             hz=ns.hz, progress=progress,
+                             latency_budget_us=(ns.latency_budget_ms * 1000.0
+                                                if ns.latency_budget_ms else None))
+    rec = result["recommendation"]
+    out.write("\n" + sweep_table(result["summary"]) + "\n\n")
+    if rec["chosen"] is None:
+        out.write("no recommendation: " + "; ".join(rec["reasons"]) + "\n")
+    else:
+        out.write(f"recommendation: granularity {format_size(rec['granularity'])}, buf-size "
+                  f"{format_size(rec['buf_size'])}, copy-mode {rec['copy_mode']}, speed "
+                  f"{format_rate(rec['speed']) if rec['speed'] else 'unlimited'}\n")
+        for reason in rec["reasons"]:
+            out.write(f"  - {reason}\n")
+    out.write(f"wrote {ns.out / 'results.csv'}, heatmaps and recommendation.json\n")
+    return EXIT_OK
+
+
+def sweep_table(summary: Any) -> str:
+    lines = [f"{'configuration':<66} {'READY':>7} {'time to READY':>15} {'ampl.':>6} "
+             f"{'p99':>9}"]
+    for r in summary.to_dict("records"):
+        t = r["time_to_ready_s"]
+        sd = r["time_to_ready_s_sd"] or 0.0
+        ready = f"{r['converged_runs']}/{r['runs']}"
+        tt = f"{t:.1f} ± {sd:.1f} s" if t == t and t is not None else "-"
+        amp = f"{r['amplification']:.2f}" if r["amplification"] == r["amplification"] else "-"
+        p99 = r["guest_p99_us"]
+        p99t = f"{p99 / 1000:.1f} ms" if p99 is not None and p99 == p99 else "-"
+        lines.append(f"{r['label']:<66} {ready:>7} {tt:>15} {amp:>6} {p99t:>9}")
+    return "\n".join(lines)
+
+
 def _cmd_plot(ns: argparse.Namespace, out: TextIO) -> int:
     traces = []
     for folder in ns.traces:
@@ -602,6 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_cmd_demo(ns, out))
         if ns.command == "plot":
             return _cmd_plot(ns, out)
+        if ns.command == "sweep":
+            return _run(_cmd_sweep(ns, out))
         return _run(_cmd_mirror(ns, out, err))
     except UsageError as exc:
         parser.exit(EXIT_USAGE, f"qmpkit: error: {exc}\n")

@@ -112,6 +112,10 @@ class Client:
                 self._lost.set()
                 return
 
+    def expect_close(self) -> None:
+        """The peer is about to hang up on purpose (``quit``): do not warn about it."""
+        self._closing = True
+
     @property
     def connected(self) -> bool:
         return self._qmp.runstate == Runstate.RUNNING and not self._lost.is_set()

@@ -202,6 +202,7 @@ class StorageDaemon:
         try:
             if self.client is not None and proc is not None and proc.poll() is None:
                 try:
+                    self.client.expect_close()
                     await asyncio.wait_for(self.client.execute("quit"), timeout)
                 except (QmpkitError, asyncio.TimeoutError) as exc:
                     log.warning("quit failed, the daemon will be killed: %s", exc)

@@ -31,7 +31,7 @@ from .trace import Trace
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import FioLoad, FioRunner
 
-__all__ = ["Setup", "run_experiment", "measure_offline_copy", "RunResult"]
+__all__ = ["Setup", "run_experiment", "measure_offline_copy", "RunResult", "hopeless"]
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,49 @@ async def measure_offline_copy(src: os.PathLike[str] | str, workdir: os.PathLike
     return os.path.getsize(src) / secs if secs > 0 else 0.0
 
 
+async def _wait_ready_or_give_up(job: Any, recording: Any, time_limit: float,
+                                 give_up: Callable[[Any], bool] | None) -> str:
+    """``"ready"``, ``"timeout"`` or ``"gave up"`` (when ``give_up`` said so)."""
+    ready = asyncio.ensure_future(job.wait_ready(timeout=time_limit))
+    try:
+        while True:
+            done, _ = await asyncio.wait({ready}, timeout=0.5)
+            if done:
+                try:
+                    ready.result()
+                    return "ready"
+                except JobTimeoutError:
+                    return "timeout"
+            if give_up is not None and give_up(recording):
+                return "gave up"
+    finally:
+        ready.cancel()
+
+
+def hopeless(after_s: float = 3.0) -> Callable[[Any], bool]:
+    """A ``give_up`` rule: the forecast has said "not converging" for the last
+    ``after_s`` seconds (and the run is at least twice that old)."""
+    def check(recording: Any) -> bool:
+        s = recording.samples
+        if not s or s[-1].t_s < 2 * after_s:
+            return False
+        from .analysis import forecast
+        recent = [x for x in s if x.t_s >= s[-1].t_s - after_s]
+        cut = len(s) - len(recent)
+        # not converging at the start and at the end of the window
+        return (forecast(s[:cut + 1]).converging is False
+                and forecast(s).converging is False)
+    return check
+
+
 async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                          mirror: dict[str, Any] | None = None, time_limit: float = 60.0,
                          hz: float = 10.0, out: os.PathLike[str] | str | None = None,
                          label: str | None = None, verify: bool = True,
                          offline_copy_bps: float | None = None,
+                         measure_offline: bool = True,
                          load_lead_s: float = 0.5,
+                         give_up: Callable[[Any], bool] | None = None,
                          on_start: Callable[[Recorder, Any], None] | None = None,
                          base_dir: os.PathLike[str] | str | None = None) -> RunResult:
     """Run one mirror under a load on a fresh embedded QEMU, and record it.
@@ -102,6 +139,8 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     :param time_limit: seconds to wait for READY; a run past it is not converged
         (censored) and is cancelled.
     :param out: the trace folder to write (also on failure); None keeps it in memory.
+    :param give_up: called with the `Recording` twice a second; True stops waiting
+        for READY early (recorded as not converged, ``early_stopped``).
     :param on_start: called with (recorder, job) once the mirror runs (for live views).
     :raise ArgumentError: bad settings, before anything starts.
     :raise QmpkitError: the run failed; the trace is saved first.
@@ -150,11 +189,11 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             saver = asyncio.ensure_future(checkpoint(recording, folder))
         if on_start is not None:
             on_start(recorder, job)
-        try:
-            await job.wait_ready(timeout=time_limit)
-            converged = True
-        except JobTimeoutError:
-            log.info("%s: not READY within %g s (censored)", label, time_limit)
+        outcome = await _wait_ready_or_give_up(job, recording, time_limit, give_up)
+        converged = outcome == "ready"
+        extra["early_stopped"] = outcome == "gave up"
+        if not converged:
+            log.info("%s: not READY (censored: %s)", label, outcome)
         if fio is not None:
             result = await fio.stop()
             extra["guest"] = result.summary()
@@ -175,7 +214,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             except VerifyError as exc:
                 verified = False
                 error = exc
-        if offline_copy_bps is None and folder is not None and verify:
+        if offline_copy_bps is None and measure_offline and folder is not None:
             src_file, _ = await qemu.image_of("src")
             offline_copy_bps = await measure_offline_copy(src_file, qemu.workdir, fmt=setup.fmt)
     except BaseException as exc:
@@ -197,7 +236,18 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             trace.fio_latency = fio_lat
         if offline_copy_bps:
             trace.summary["offline_copy_bps"] = offline_copy_bps
-        if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
+        died = qemu.daemon.returncode if qemu.daemon is not None else None
+        if died is not None and died < 0:
+            # QEMU itself crashed (QEMU 7.2 was seen to segfault when cancelling a
+            # mirror): say so, rather than just "connection lost".
+            import signal as _signal
+            sig = _signal.Signals(-died).name
+            trace.summary["error"] = f"qemu-storage-daemon died of {sig}"
+            trace.summary["qemu_crashed"] = sig
+            if isinstance(error, QmpkitError):
+                error = QmpkitError(f"qemu-storage-daemon died of {sig} during the run "
+                                    f"({error})")
+        elif isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
             trace.summary["error"] = "interrupted"
         elif error is not None:
             trace.summary["error"] = trace.summary.get("error") or \

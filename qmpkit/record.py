@@ -57,7 +57,7 @@ class Recording:
     def started_at(self) -> float:
         return self.job.started_at if self.job.started_at is not None else 0.0
 
-    def forecast(self, window_s: float = 2.0) -> Forecast:
+    def forecast(self, window_s: float = 3.0) -> Forecast:
         return forecast(self.samples, ready=self.job.state.ready, window_s=window_s)
 
     def events(self) -> list[dict[str, Any]]:

@@ -33,7 +33,8 @@ from .session import Qemu
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import RW_MODES, FioLoad, FioResult, FioRunner
 
-__all__ = ["TargetPanel", "WorkloadPanel", "MirrorPanel", "Dashboard", "node_table_html"]
+__all__ = ["TargetPanel", "WorkloadPanel", "MirrorPanel", "Dashboard", "SweepPanel",
+           "node_table_html", "recommendation_html"]
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +269,11 @@ class WorkloadPanel(_Panel):
         self.result = await self._guard(self.runner.stop())
         self.start_button.disabled, self.stop_button.disabled = False, True
         r = self.result
-        self.say(f"stopped: {format_rate(r.write_bw_bps)} written, p50 {r.write_p50_us:.0f} µs, "
-                 f"p99 {r.write_p99_us:.0f} µs")
+
+        def us(v: float | None) -> str:
+            return f"{v:.0f} µs" if v is not None else "-"
+        self.say(f"stopped: {format_rate(r.write_bw_bps)} written, p50 {us(r.write_p50_us)}, "
+                 f"p99 {us(r.write_p99_us)}")
         return r
 
 
@@ -591,3 +595,111 @@ def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     return buf.getvalue()
+
+
+class SweepPanel(_Panel):
+    """Choose a grid, a load and a latency budget; **Run sweep** runs it with a
+    progress bar, then shows the recommendation and the heatmaps."""
+
+    def __init__(self, *, out: str = "sweeps/notebook", granularity: str = "4K,64K",
+                 buf_size: str = "1M,16M", copy_mode: str = "background", repeat: int = 2,
+                 size: str = "1G", target_speed: str = "100M", load_rate: str = "20M",
+                 time_limit: float = 30.0, latency_budget_ms: float = 50.0,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.granularity = _text("granularity", granularity, "e.g. 4K,64K,1M or default")
+        self.buf_size = _text("buf-size", buf_size, "e.g. 1M,16M or default")
+        self.copy_mode = _text("copy-mode", copy_mode, "background,write-blocking")
+        self.repeat = W.BoundedIntText(value=repeat, min=1, max=20, description="repeat",
+                                       style=_DESC)
+        self.size = _text("disk size", size)
+        self.target_speed = _text("target speed", target_speed, "per second")
+        self.load_rate = _text("load (4K randwrite)", load_rate, "per second")
+        self.time_limit = W.BoundedFloatText(value=time_limit, min=1, max=3600,
+                                             description="time limit (s)", style=_DESC)
+        self.budget = W.BoundedFloatText(value=latency_budget_ms, min=0.001, max=1e6,
+                                         description="p99 budget (ms)", style=_DESC)
+        self.early_stop = W.Checkbox(value=True, description="stop hopeless runs early")
+        self.out_dir = _text("folder", out)
+        self.seed = seed
+        self.run_button = self._button("Run sweep", self.run, button_style="primary")
+        self.bar = W.IntProgress(value=0, min=0, max=1, description="runs", style=_DESC)
+        self.progress_text = W.Label()
+        self.recommendation = W.HTML()
+        self.heatmap = W.Image(format="png", layout=W.Layout(width="720px"))
+        self.result: dict[str, Any] | None = None
+        self.widget = W.VBox([
+            W.HTML("<b>Sweep</b>: granularity × buf-size (× copy-mode), fresh disks each run"),
+            W.HBox([self.granularity, self.buf_size, self.copy_mode]),
+            W.HBox([self.repeat, self.size, self.target_speed]),
+            W.HBox([self.load_rate, self.time_limit, self.budget]),
+            W.HBox([self.early_stop, self.out_dir]), self.run_button,
+            W.HBox([self.bar, self.progress_text]), self.message, self.recommendation,
+            self.heatmap, self.out])
+
+    def _lists(self) -> dict[str, list[Any]]:
+        def split(text: str) -> list[Any]:
+            items = [t.strip() for t in text.split(",") if t.strip()]
+            return [None if t == "default" else t for t in items]
+        return {"granularity": split(self.granularity.value),
+                "buf_size": split(self.buf_size.value),
+                "copy_mode": split(self.copy_mode.value)}
+
+    async def run(self) -> dict[str, Any]:
+        """Run (or resume) the sweep. :raise ArgumentError: a bad value, before any run."""
+        return await self._guard(self._run())
+
+    async def _run(self) -> dict[str, Any]:
+        from .experiment import Setup
+        from .sweep import grid, run_sweep
+        configs = grid(**self._lists())
+        setup = Setup(size=self.size.value, target_speed=self.target_speed.value)
+        load = FioLoad(rate=self.load_rate.value)
+
+        def progress(k: int, n: int, label: str, eta: float | None) -> None:
+            self.bar.max, self.bar.value = n, k - 1
+            eta_text = f", about {eta:.0f} s left" if eta is not None else ""
+            self.progress_text.value = f"run {k} of {n}{eta_text}: {label}"
+
+        self.run_button.disabled = True
+        try:
+            self.result = await run_sweep(
+                self.out_dir.value, configs=configs, repeat=self.repeat.value, setup=setup,
+                load=load, time_limit=self.time_limit.value, seed=self.seed,
+                early_stop=self.early_stop.value, progress=progress,
+                latency_budget_us=self.budget.value * 1000.0)
+        finally:
+            self.run_button.disabled = False
+        self.bar.value = self.bar.max
+        self.progress_text.value = "done"
+        self.recommendation.value = recommendation_html(self.result["recommendation"])
+        self.heatmap.value = (Path(self.out_dir.value) / "heatmap_time_to_ready_s.png").read_bytes()
+        return self.result
+
+    def traces(self, which: str) -> list[Any]:
+        """The trace folders of the ``best`` (recommended) or ``worst`` (slowest or
+        not converged) configuration, one per repeat."""
+        from .trace import Trace
+        assert self.result is not None, "run the sweep first"
+        res = self.result["results"]
+        summary = self.result["summary"]
+        if which == "best":
+            label = (self.result["recommendation"]["chosen"] or {}).get("label")
+        else:
+            worst = summary.sort_values(["converged_runs", "time_to_ready_s"],
+                                        ascending=[True, False]).iloc[0]
+            label = worst["label"]
+        folders = res[res["label"] == label]["folder"]
+        return [Trace.load(Path(self.out_dir.value) / "runs" / f) for f in folders]
+
+
+def recommendation_html(rec: dict[str, Any]) -> str:
+    if rec.get("chosen") is None:
+        return "<b>No recommendation</b><ul>" + "".join(
+            f"<li>{html.escape(r)}</li>" for r in rec["reasons"]) + "</ul>"
+    head = (f"<b>Recommendation:</b> granularity {format_size(rec['granularity'])}, "
+            f"buf-size {format_size(rec['buf_size'])}, copy-mode {rec['copy_mode']}, speed "
+            f"{format_rate(rec['speed']) if rec['speed'] else 'unlimited'} "
+            f"(confidence {rec['confidence']})")
+    return head + "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in rec["reasons"]) + \
+        "</ul>"

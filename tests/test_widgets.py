@@ -103,6 +103,7 @@ async def test_workload_panel_runs_fio(qemu):
     load = WorkloadPanel(qemu, rate="2M")
     await click(load, load.start_button)
     assert load.runner.running and load.stop_button.disabled is False
+    await asyncio.sleep(0.5)                  # the guest writes for half a second
     result = await click(load, load.stop_button)
     assert result.write_bytes > 0 and not load.runner.running
     assert "p99" in load.message.value
@@ -123,3 +124,14 @@ async def test_dashboard_saves_a_trace(qemu, tmp_path):
     await panel.cancel()
     folder = await click(dash, dash.save_button)
     assert (folder / "trace.csv").exists() and (folder / "summary.json").exists()
+
+
+async def test_sweep_panel_refuses_a_bad_grid_before_any_run(tmp_path):
+    from qmpkit.widgets import SweepPanel, recommendation_html
+    panel = SweepPanel(out=str(tmp_path / "s"), granularity="4K,3000")
+    panel.run_button.click()
+    with pytest.raises(ArgumentError, match="granularity"):
+        await panel.last_task
+    assert "granularity: must be a power of two" in panel.message.value
+    assert not (tmp_path / "s").exists()
+    assert "No recommendation" in recommendation_html({"chosen": None, "reasons": ["x"]})

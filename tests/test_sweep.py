@@ -1,0 +1,119 @@
+"""Sweeps: the grid, the plan, the recommendation (pure), and a real small sweep."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from test_cli import run
+
+from qmpkit import ArgumentError
+from qmpkit.experiment import Setup
+from qmpkit.sweep import Config, aggregate, grid, plan_runs, recommend, run_sweep
+from qmpkit.workload import FioLoad
+
+MiB = 1 << 20
+
+
+def test_grid_checks_values_and_always_holds_the_defaults():
+    configs = grid(granularity=["4K", "64K"], buf_size=["1M"])
+    assert Config() in configs and len(configs) == 3
+    assert Config(granularity=4096, buf_size=MiB) in configs
+    with pytest.raises(ArgumentError, match="granularity: must be a power of two"):
+        grid(granularity=[3000])
+    with pytest.raises(ArgumentError, match="copy_mode"):
+        grid(copy_mode=["sync"])
+    with pytest.raises(ArgumentError, match="buf_size"):
+        grid(buf_size=["-1"])
+
+
+def test_the_same_seed_gives_the_same_shuffled_plan():
+    configs = grid(granularity=["4K", "64K", "1M"], buf_size=["1M", "16M"])
+    a, b = plan_runs(configs, 3, seed=7), plan_runs(configs, 3, seed=7)
+    assert a == b
+    assert a != plan_runs(configs, 3, seed=8)
+    assert len(a) == (len(configs) + 1) * 3          # with one offline copy per repeat
+    names = [n for n, _, _ in a]
+    assert names != sorted(names)                      # shuffled, not grouped
+
+
+def _results(rows):
+    base = {"label": "", "copy_mode": "background", "speed": None, "early_stopped": False,
+            "failed": False, "time_to_complete_s": None, "mean_throughput_bps": 1.0,
+            "throughput_fraction": 0.5, "peak_dirty_bytes": 1, "guest_p50_us": 50.0,
+            "guest_iops": 100.0, "dirty_left_bytes": None, "amplification": 1.1}
+    out = []
+    for cfg, times, p99 in rows:
+        for rep, t in enumerate(times):
+            out.append({**base, "config": cfg.key(), "label": cfg.label(), "repeat": rep,
+                        "granularity": cfg.granularity, "buf_size": cfg.buf_size,
+                        "converged": t is not None, "time_to_ready_s": t,
+                        "guest_p99_us": p99,
+                        "dirty_left_bytes": None if t is not None else 300 * MiB})
+    return pd.DataFrame(out)
+
+
+def test_recommendation_converges_fastest_within_the_latency_budget():
+    fast_but_slow_guest = Config(copy_mode="write-blocking")
+    g4k = Config(granularity=4096, buf_size=MiB)
+    g1m = Config(granularity=1 << 20, buf_size=16 * MiB)
+    results = _results([(Config(), [None, None, None], 900.0),
+                        (g4k, [11.0, 12.0, 11.5], 950.0),
+                        (g1m, [20.0, None, 21.0], 800.0)])
+    results.loc[results["config"] == g1m.key(), "copy_mode"] = "background"
+    wb = _results([(fast_but_slow_guest, [9.0, 9.5, 9.2], 170_000.0)])
+    wb["copy_mode"] = "write-blocking"
+    summary = aggregate(pd.concat([results, wb], ignore_index=True))
+    rec = recommend(summary, latency_budget_us=5000)
+    assert (rec["granularity"], rec["buf_size"], rec["speed"], rec["copy_mode"]) == \
+        (4096, MiB, 0, "background")
+    assert rec["defaults"]["converged_runs"] == 0
+    assert any("QEMU's defaults reached READY in only 0 of 3" in r for r in rec["reasons"])
+    assert rec["confidence"] == "high"
+    # Without a budget, write-blocking is faster and wins.
+    assert recommend(summary)["copy_mode"] == "write-blocking"
+    # The same summary, the same recommendation.
+    assert recommend(summary, latency_budget_us=5000) == rec
+    json.dumps(rec)
+
+
+def test_no_recommendation_when_nothing_converges():
+    rec = recommend(aggregate(_results([(Config(), [None], 100.0)])))
+    assert rec["chosen"] is None and rec["granularity"] is None
+    assert "no configuration reached READY" in rec["reasons"][0]
+
+
+async def test_a_small_real_sweep_recommends_what_converges(tmp_path):
+    """A 4 KiB random-write load into a throttled target: 64 KiB granularity dirties 16x
+    what is written, more than the target takes; 4 KiB granularity does not."""
+    calls = []
+    configs = grid(granularity=["4K"], buf_size=["1M"])
+    kwargs = dict(configs=configs, repeat=1, setup=Setup(size="64M", target_speed="16M"),
+                  load=FioLoad(rate="4M", bs="4K"), time_limit=15, seed=3, early_stop=True,
+                  progress=lambda k, n, label, eta: calls.append((k, n, label)))
+    result = await run_sweep(tmp_path, **kwargs)
+    assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)]
+    rec = result["recommendation"]
+    assert rec["granularity"] == 4096 and rec["buf_size"] == MiB
+    assert rec["defaults"]["converged_runs"] == 0
+    res = pd.read_csv(tmp_path / "results.csv")
+    assert len(res) == 2 and set(res["converged"]) == {True, False}
+    defaults = res[res["granularity"].isna()].iloc[0]
+    assert defaults["dirty_left_bytes"] > 0 and 0 < defaults["throughput_fraction"] < 1
+    assert bool(defaults["early_stopped"])            # the forecast said so before 15 s
+    for name in ("time_to_ready_s", "throughput_fraction", "amplification", "guest_p99_us"):
+        assert (tmp_path / f"heatmap_{name}.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "recommendation.json").read_text())
+    assert saved["granularity"] == 4096 and isinstance(saved["buf_size"], int)
+    # Started again on the same folder: nothing is run again, the result is the same.
+    calls.clear()
+    again = await run_sweep(tmp_path, **kwargs)
+    assert calls == [] and again["recommendation"] == rec
+
+
+async def test_sweep_cli_refuses_bad_lists(tmp_path):
+    code, out, err = await run("sweep", "--granularity", "4K,3000", "--out", str(tmp_path))
+    assert code == 2 and "--granularity: must be a power of two" in err
+    code, out, err = await run("sweep", "--repeat", "0", "--out", str(tmp_path))
+    assert code == 2 and "--repeat: must be >= 1" in err
