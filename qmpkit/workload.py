@@ -31,7 +31,7 @@ from .daemon import die_with_parent
 from .errors import ArgumentError, ToolError
 from .units import format_rate, format_size, parse_rate, parse_size
 
-__all__ = ["FioLoad", "FioResult", "FioRunner", "RW_MODES"]
+__all__ = ["FioLoad", "FioResult", "FioRunner", "RW_MODES", "verify_image"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ class FioLoad:
     :param runtime: seconds to run (it is stopped earlier when the run ends).
     :param seed: fio's ``randseed``, so runs repeat.
     :param latency_log: keep fio's per-interval latency log (100 ms averages).
+    :param io_size: write this many bytes and stop (instead of running for ``runtime``).
+    :param verify: write blocks with crc32c headers, so that `verify_image` can later
+        check every block fio wrote, wherever the data ended up.
     """
 
     rw: str = "randwrite"
@@ -59,8 +62,15 @@ class FioLoad:
     runtime: float = 600.0
     seed: int = 1
     latency_log: bool = False
+    io_size: int | str | None = None
+    verify: bool = False
 
     def __post_init__(self) -> None:
+        if self.io_size is not None:
+            n = parse_size(self.io_size, name="io_size")
+            if n <= 0:
+                raise ArgumentError("io_size", f"must be > 0; got {self.io_size!r}")
+            object.__setattr__(self, "io_size", n)
         if self.rw not in RW_MODES:
             raise ArgumentError("rw", f"must be one of {', '.join(RW_MODES)}; got {self.rw!r}")
         bs = parse_size(self.bs, name="bs")
@@ -84,13 +94,24 @@ class FioLoad:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _pattern_args(self) -> list[str]:
+        """What decides which blocks are written with what: shared by the write
+        and the verify passes."""
+        args = [f"--rw={self.rw}", f"--bs={self.bs}", f"--randseed={self.seed}"]
+        if self.io_size is not None:
+            args.append(f"--io_size={self.io_size}")
+        if self.verify:
+            args += ["--verify=crc32c", "--do_verify=0"]
+        return args
+
     def argv(self, uri: str, lat_prefix: Path | None) -> list[str]:
         # No --output: fio's "connected" line then comes on stdout before the
         # JSON, and tells us when the load has begun.
-        argv = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}", f"--rw={self.rw}",
-                f"--bs={self.bs}", f"--iodepth={self.iodepth}", "--time_based",
-                f"--runtime={max(1, round(self.runtime))}s", f"--randseed={self.seed}",
+        argv = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}",
+                *self._pattern_args(), f"--iodepth={self.iodepth}",
                 "--output-format=json", "--thread"]  # one process: it dies with us
+        if self.io_size is None:
+            argv += ["--time_based", f"--runtime={max(1, round(self.runtime))}s"]
         if self.rate:
             argv.append(f"--rate={self.rate}" if self.rw != "randrw"
                         else f"--rate={self.rate},{self.rate}")
@@ -138,6 +159,26 @@ def read_latency_log(path: Path) -> list[tuple[float, float]]:
         if len(parts) >= 3 and parts[2] == "1":          # direction 1 = write
             rows.append((int(parts[0]) / 1000.0, int(parts[1]) / 1000.0))
     return rows
+
+
+async def verify_image(path: os.PathLike[str] | str, load: FioLoad) -> None:
+    """Check, with fio's own verify pass, that the raw image ``path`` holds every block
+    that ``load`` (``verify=True``, ``io_size`` set) wrote.
+
+    :raise VerifyError: a block is missing or corrupt (fio's message says which).
+    """
+    from .errors import VerifyError
+    from .images import run_tool
+    if not load.verify or load.io_size is None:
+        raise ArgumentError("load", "needs verify=True and an io_size to be checked")
+    argv = ["fio", "--name=guest", "--ioengine=psync", f"--filename={os.fspath(path)}",
+            *load._pattern_args(), "--verify_only", "--do_verify=1", "--thread",
+            "--output-format=normal"]
+    argv = [a for a in argv if a != "--do_verify=0"]
+    code, out = await run_tool(argv, ok_codes=(0, 1, 2))
+    if code != 0 or "verify: bad" in out or "bad magic" in out:
+        raise VerifyError(f"fio verify of {os.fspath(path)} failed: "
+                          + "; ".join(l for l in out.splitlines() if "verify" in l)[:500])
 
 
 class FioRunner:
