@@ -137,6 +137,18 @@ class Recorder:
         if self.error is not None:
             raise self.error
 
+    async def reattach(self, client: Client) -> None:
+        """Go on sampling over a new QMP connection (after the old one dropped).
+        Reattach the jobs themselves with `Job.reattach`."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.client = client
+        self.error = None
+        self.start()
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         period = 1.0 / self.hz

@@ -135,3 +135,19 @@ async def test_sweep_panel_refuses_a_bad_grid_before_any_run(tmp_path):
     assert "granularity: must be a power of two" in panel.message.value
     assert not (tmp_path / "s").exists()
     assert "No recommendation" in recommendation_html({"chosen": None, "reasons": ["x"]})
+
+
+async def test_the_status_line_shows_the_last_error_event(qemu):
+    await qemu.nodes.add_image("src", 16 * MiB, fill="mixed")
+    await qemu.nodes.add_blkdebug("dst", size=16 * MiB, errno="ENOSPC", once=True)
+    panel = MirrorPanel(qemu)
+    panel.on_target_error.value = "stop"
+    job = await click(panel, panel.start_button)
+    await job.wait_status("paused", timeout=30)
+    panel._update_status()
+    assert "last error: write error, action stop" in panel.status.value
+    assert panel.pause_button.description == "Resume"
+    await click(panel, panel.pause_button)
+    await panel.wait_ready(timeout=60)
+    await click(panel, panel.complete_button)
+    assert panel.verified is True
