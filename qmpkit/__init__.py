@@ -10,6 +10,14 @@ The package is async first. Its layers, from QEMU up:
 - `qmpkit.job`     block jobs driven by QMP events
 - `qmpkit.images`  image files, with qemu-img and qemu-io
 - `qmpkit.session` `Qemu`, the object that ties them together
+- `qmpkit.workload` a guest-like write load: fio over NBD
+- `qmpkit.record`  the sampler (`Recorder`), as an asyncio task
+- `qmpkit.trace`   recorded runs, saved as folders
+- `qmpkit.analysis` copy rate, the convergence forecast, summaries
+- `qmpkit.plots`   matplotlib figures of traces
+- `qmpkit.experiment` one recorded run on the embedded QEMU
+- `qmpkit.demo`, `qmpkit.sweep`, `qmpkit.soak`  comparisons, tuning, integrity
+- `qmpkit.widgets` ipywidgets panels for notebooks
 - `qmpkit.cli`     the ``qmpkit`` command
 
 Importing qmpkit starts nothing and reads no environment variable.

@@ -45,24 +45,23 @@ class UsageError(Exception):
     """A bad command line: exit 2, nothing started."""
 
 
-def _size(name: str):  # argparse type that names the option in its error
+def _option_type(parser: Any, kind: str, name: str) -> Any:
+    """An argparse ``type`` whose error names the option (``--granularity: ...``)."""
     def parse(text: str) -> int:
         try:
-            return parse_size(text, name=name)
+            return parser(text, name=name)
         except ArgumentError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-    parse.__name__ = "size"
+    parse.__name__ = kind
     return parse
 
 
-def _rate(name: str):  # argparse type that names the option in its error
-    def parse(text: str) -> int:
-        try:
-            return parse_rate(text, name=name)
-        except ArgumentError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    parse.__name__ = "rate"
-    return parse
+def _size(name: str) -> Any:
+    return _option_type(parse_size, "size", name)
+
+
+def _rate(name: str) -> Any:
+    return _option_type(parse_rate, "rate", name)
 
 
 def _positive_float(name: str):
@@ -102,6 +101,9 @@ def add_setup_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-speed", type=_rate("--target-speed"), default="100M",
                    metavar="RATE", help="throttle the target's writes to RATE per second, "
                                         "0 = unthrottled (default 100M)")
+    g.add_argument("--remote-target", action="store_true",
+                   help="put the target in a second qemu-storage-daemon and mirror to it "
+                        "over NBD, like a disk on another host")
 
 
 def load_from_args(ns: argparse.Namespace) -> FioLoad | None:
@@ -116,7 +118,8 @@ def load_from_args(ns: argparse.Namespace) -> FioLoad | None:
 
 def setup_from_args(ns: argparse.Namespace) -> Setup:
     try:
-        return Setup(size=ns.size, target_speed=ns.target_speed or None)
+        return Setup(size=ns.size, target_speed=ns.target_speed or None,
+                     remote_target=ns.remote_target)
     except ArgumentError as exc:
         raise UsageError(f"--{exc.argument.replace('_', '-')}: "
                          f"{str(exc).split(': ', 1)[1]}") from None

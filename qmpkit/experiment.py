@@ -39,12 +39,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Setup:
     """The disks of a run: a source of ``size`` filled with data, and a target
-    throttled to ``target_speed`` bytes/s (None: as fast as the disk)."""
+    throttled to ``target_speed`` bytes/s (None: as fast as the disk).
+
+    With ``remote_target`` the target lives in a second qemu-storage-daemon and
+    the mirror writes to it over NBD, as to a disk on another host.
+    """
 
     size: int | str = "1G"
     fmt: str = "raw"
     target_speed: int | str | None = "100M"
     aio: str | None = None
+    remote_target: bool = False
 
     def __post_init__(self) -> None:
         size = parse_size(self.size, name="size")
@@ -61,7 +66,8 @@ class Setup:
     def describe(self) -> str:
         speed = f"target throttled to {format_rate(self.target_speed)}" \
             if self.target_speed else "unthrottled target"
-        return f"{format_size(self.size)} {self.fmt} source, {speed}"
+        where = ", over NBD in a second qemu-storage-daemon" if self.remote_target else ""
+        return f"{format_size(self.size)} {self.fmt} source, {speed}{where}"
 
 
 @dataclass
@@ -152,7 +158,8 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     folder = Path(out) if out is not None else None
     meta: dict[str, Any] = {"label": label, "disk_bytes": setup.size,
                             "setup": {"size": setup.size, "format": setup.fmt,
-                                      "target_speed_bps": setup.target_speed},
+                                      "target_speed_bps": setup.target_speed,
+                                      "remote_target": setup.remote_target},
                             "workload": load.to_dict() if load else None,
                             "workload_text": (load.describe() if load else "no write load") +
                                              f"; {setup.describe()}",
@@ -167,15 +174,23 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     extra: dict[str, Any] = {}
     fio_lat: list[tuple[float, float]] = []
     saver: asyncio.Future[None] | None = None
+    remote: Qemu | None = None
     try:
         meta["qemu_version"] = ".".join(map(str, await qemu.client.version()))
         await qemu.nodes.add_image("src", setup.size, fmt=setup.fmt, fill="mixed",
                                    aio=setup.aio)  # type: ignore[arg-type]
-        await qemu.nodes.add_image("disk", setup.size, fmt=setup.fmt,
-                                   aio=setup.aio)  # type: ignore[arg-type]
+        if setup.remote_target:
+            remote = await Qemu.open(workdir=base_dir)
+        where = remote or qemu
+        await where.nodes.add_image("disk", setup.size, fmt=setup.fmt,
+                                    aio=setup.aio)  # type: ignore[arg-type]
         target = "disk"
         if setup.target_speed:
-            target = await qemu.nodes.add_throttled("dst", "disk", bps_write=setup.target_speed)
+            target = await where.nodes.add_throttled("dst", "disk",
+                                                     bps_write=setup.target_speed)
+        if remote is not None:
+            uri = await remote.nodes.export_nbd(target, export="dst")
+            target = await qemu.nodes.add_nbd("remote-dst", uri)
         if load is not None:
             uri = await qemu.nodes.export_nbd("src")
             fio = FioRunner(load, uri, qemu.workdir / "fio")
@@ -207,7 +222,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
         await recorder.stop()
         if converged and verify:
             src_file, _ = await qemu.image_of("src")
-            dst_file, _ = await qemu.image_of("disk")
+            dst_file, _ = await (remote or qemu).image_of("disk")
             try:
                 await compare_images(src_file, dst_file, fmt_a=setup.fmt, fmt_b=setup.fmt)
                 verified = True
@@ -256,4 +271,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             trace.save(folder)
         with contextlib.suppress(QmpkitError):
             await qemu.close()
+        if remote is not None:        # after the NBD client side is gone
+            with contextlib.suppress(QmpkitError):
+                await remote.close()
     return RunResult(trace=trace, folder=folder, converged=converged, error=error, extra=extra)

@@ -176,7 +176,8 @@ async def run_sweep(out: os.PathLike[str] | str, *, configs: Sequence[Config],
     (out / "sweep.json").write_text(json.dumps({
         "seed": seed, "repeat": repeat, "time_limit_s": time_limit, "early_stop": early_stop,
         "setup": {"size": setup.size, "format": setup.fmt,
-                  "target_speed_bps": setup.target_speed},
+                  "target_speed_bps": setup.target_speed,
+                  "remote_target": setup.remote_target},
         "workload": load.to_dict() if load else None,
         "configs": [asdict(c) for c in configs], "order": [p[0] for p in plan]},
         indent=2) + "\n")

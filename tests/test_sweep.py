@@ -117,3 +117,16 @@ async def test_sweep_cli_refuses_bad_lists(tmp_path):
     assert code == 2 and "--granularity: must be a power of two" in err
     code, out, err = await run("sweep", "--repeat", "0", "--out", str(tmp_path))
     assert code == 2 and "--repeat: must be >= 1" in err
+
+
+async def test_a_sweep_over_a_remote_nbd_target(tmp_path):
+    """The target is in a second qemu-storage-daemon, reached over NBD."""
+    result = await run_sweep(tmp_path, configs=grid(granularity=["4K"], buf_size=["1M"],
+                                                    with_defaults=False),
+                             repeat=1, load=FioLoad(rate="2M"), time_limit=30,
+                             setup=Setup(size="16M", target_speed="16M", remote_target=True))
+    (row,) = result["results"].to_dict("records")
+    assert row["converged"] and row["verified"] is True and not row["failed"]
+    meta = json.loads((tmp_path / "runs" / row["folder"] / "summary.json").read_text())["meta"]
+    assert meta["setup"]["remote_target"] is True
+    assert result["recommendation"]["granularity"] == 4096
