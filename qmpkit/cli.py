@@ -98,6 +98,8 @@ def add_setup_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedded disks (a fresh qemu-storage-daemon per run)")
     g.add_argument("--size", type=_size("--size"), default="1G", metavar="SIZE",
                    help="source and target size (default 1G)")
+    g.add_argument("--format", choices=("raw", "qcow2"), default="raw",
+                   help="image format of source and target (default raw)")
     g.add_argument("--target-speed", type=_rate("--target-speed"), default="100M",
                    metavar="RATE", help="throttle the target's writes to RATE per second, "
                                         "0 = unthrottled (default 100M)")
@@ -118,7 +120,7 @@ def load_from_args(ns: argparse.Namespace) -> FioLoad | None:
 
 def setup_from_args(ns: argparse.Namespace) -> Setup:
     try:
-        return Setup(size=ns.size, target_speed=ns.target_speed or None,
+        return Setup(size=ns.size, fmt=ns.format, target_speed=ns.target_speed or None,
                      remote_target=ns.remote_target)
     except ArgumentError as exc:
         raise UsageError(f"--{exc.argument.replace('_', '-')}: "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ArgumentError, JobTimeoutError, QmpkitError, VerifyError
-from .images import compare_images, convert_image, create_image
+from .images import compare_images, convert_image, create_image, image_info
 from .mirror import mirror_arguments
 from .record import Recorder, checkpoint
 from .session import Qemu
@@ -52,6 +52,8 @@ class Setup:
     remote_target: bool = False
 
     def __post_init__(self) -> None:
+        if self.fmt not in ("raw", "qcow2"):
+            raise ArgumentError("format", f"must be raw or qcow2; got {self.fmt!r}")
         size = parse_size(self.size, name="size")
         if size < 1 << 20:
             raise ArgumentError("size", f"must be at least 1 MiB; got {self.size!r}")
@@ -84,14 +86,14 @@ async def measure_offline_copy(src: os.PathLike[str] | str, workdir: os.PathLike
     """Bytes/s of ``qemu-img convert`` of ``src`` into a fresh image: the offline copy
     speed a mirror is compared against."""
     dst = Path(workdir) / "offline-copy.img"
-    size = os.path.getsize(src) if fmt == "raw" else None
-    await create_image(dst, size or (1 << 20), fmt=fmt)
+    size = int((await image_info(src))["virtual-size"])
+    await create_image(dst, size, fmt=fmt)       # a fresh target, as each mirror gets
     t0 = time.monotonic()
     await convert_image(src, dst, src_fmt=fmt, dst_fmt=fmt, existing=True)
     secs = time.monotonic() - t0
     with contextlib.suppress(OSError):
         dst.unlink()
-    return os.path.getsize(src) / secs if secs > 0 else 0.0
+    return size / secs if secs > 0 else 0.0
 
 
 async def _wait_ready_or_give_up(job: Any, recording: Any, time_limit: float,
