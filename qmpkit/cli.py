@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 from . import __version__
 from .client import Client
@@ -24,11 +24,12 @@ from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommand
                      QmpkitError, ToolError)
 from .demo import run_demo, table_text, write_plots
 from .experiment import Setup, run_experiment
-from .images import compare_images, create_image
+from .images import create_image
 from .job import Job
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, MirrorJob, mirror_arguments, start_mirror
 from .nodes import BlockGraph
 from .record import Recorder, Recording, checkpoint
+from .session import Qemu
 from .trace import Trace
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import RW_MODES, FioLoad
@@ -469,7 +470,7 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             if ns.then == "complete":
                 added_target = False
             if ns.verify:
-                await _verify(graph, ns.device, target)
+                await Qemu(client, workdir=Path(".")).verify(ns.device, target)
                 progress.message("verified: source and target hold the same data")
         else:
             added_target = False
@@ -520,6 +521,21 @@ async def _save_recording(recorder: Recorder, recording: Recording, folder: Path
     progress.message(f"trace saved in {folder}")
 
 
+def _live_progress(progress: Progress, timeout: float
+                   ) -> tuple[Callable[[Recorder, Any], None], list[asyncio.Task[None]]]:
+    """An ``on_start`` for `run_experiment` that shows each new run's progress and
+    forecast (replacing the previous run's), and the tasks to cancel at the end."""
+    watcher: list[asyncio.Task[None]] = []
+
+    def on_start(recorder: Recorder, job: Any) -> None:
+        for task in watcher:
+            task.cancel()
+        watcher.append(asyncio.ensure_future(_watch(
+            job, progress, job.wait_done(timeout=timeout), recorder.recordings[-1])))
+
+    return on_start, watcher
+
+
 async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
                                options: dict[str, Any]) -> int:
     if ns.device or ns.target or ns.target_file or ns.create or ns.replaces:
@@ -532,13 +548,7 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
     progress = Progress(out)
     progress.message(f"embedded QEMU: {setup.describe()}; "
                      f"{load.describe() if load else 'no write load'}")
-    watcher: list[asyncio.Task[None]] = []
-
-    def on_start(recorder: Recorder, job: Any) -> None:
-        rec = recorder.recordings[-1]
-        watcher.append(asyncio.ensure_future(_watch(job, progress, job.wait_done(
-            timeout=ns.timeout + 600), rec)))
-
+    on_start, watcher = _live_progress(progress, ns.timeout + 600)
     try:
         result = await run_experiment(setup=setup, load=load, mirror=options,
                                       time_limit=ns.timeout, hz=ns.hz, out=ns.out,
@@ -565,15 +575,7 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
 async def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
     setup, load = setup_from_args(ns), load_from_args(ns)
     progress = Progress(out)
-    watcher: list[asyncio.Task[None]] = []
-
-    def on_start(recorder: Recorder, job: Any) -> None:
-        for task in watcher:
-            task.cancel()
-        rec = recorder.recordings[-1]
-        watcher.append(asyncio.ensure_future(_watch(job, progress, job.wait_done(
-            timeout=ns.time_limit + 600), rec)))
-
+    on_start, watcher = _live_progress(progress, ns.time_limit + 600)
     progress.message(f"qmpkit demo: {setup.describe()}; "
                      f"{load.describe() if load else 'no write load'}")
     try:
@@ -686,12 +688,6 @@ async def _cancel_quietly(job: MirrorJob, progress: Progress) -> None:
         progress.message(f"job {job.job_id} cancelled; the source is untouched")
     except QmpkitError as exc:
         progress.message(f"qmpkit: cancelling job {job.job_id} failed: {exc}")
-
-
-async def _verify(graph: BlockGraph, device: str, target: str) -> None:
-    src, dst = await graph.node(device), await graph.node(target)
-    await compare_images(await graph.image_file(src), await graph.image_file(dst),
-                         fmt_a=src.driver, fmt_b=dst.driver)
 
 
 def _run(coro: Any) -> int:

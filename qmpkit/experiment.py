@@ -17,11 +17,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .analysis import forecast
 from .errors import ArgumentError, JobTimeoutError, QmpkitError, VerifyError
 from .images import compare_images, convert_image, create_image, image_info
 from .mirror import mirror_arguments
@@ -122,7 +124,6 @@ def hopeless(after_s: float = 3.0) -> Callable[[Any], bool]:
         s = recording.samples
         if not s or s[-1].t_s < 2 * after_s:
             return False
-        from .analysis import forecast
         recent = [x for x in s if x.t_s >= s[-1].t_s - after_s]
         cut = len(s) - len(recent)
         # not converging at the start and at the end of the window
@@ -257,8 +258,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
         if died is not None and died < 0:
             # QEMU itself crashed (QEMU 7.2 was seen to segfault when cancelling a
             # mirror): say so, rather than just "connection lost".
-            import signal as _signal
-            sig = _signal.Signals(-died).name
+            sig = signal.Signals(-died).name
             trace.summary["error"] = f"qemu-storage-daemon died of {sig}"
             trace.summary["qemu_crashed"] = sig
             if isinstance(error, QmpkitError):

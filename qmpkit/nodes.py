@@ -32,7 +32,7 @@ from .images import FORMATS, create_image
 from .names import NODE_NAME_MAX, check_new_node_name, check_node_ref
 from .units import parse_rate, parse_size
 
-__all__ = ["BlockGraph", "NodeInfo", "ERRNO", "parse_nbd_uri"]
+__all__ = ["BlockGraph", "NodeInfo", "ERRNO", "parse_nbd_uri", "graph_children"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,20 @@ def parse_nbd_uri(uri: str) -> tuple[dict[str, Any], str]:
                                f"nbd+unix:///EXPORT?socket=PATH; got {uri!r}")
 
 
+async def graph_children(client: Client, parent_type: str, parent: str) -> dict[str, str]:
+    """The children of one parent in QEMU's block graph, by edge name.
+
+    ``parent_type`` is ``block-driver`` (a node, by node name) or ``block-job`` (a
+    job, by job id). Uses the unstable ``x-debug-query-block-graph``.
+
+    :raise QemuCommandError: this QEMU does not have that command.
+    """
+    graph = await client.execute("x-debug-query-block-graph")
+    ids = {n["id"]: n for n in graph["nodes"]}
+    return {e["name"]: ids[e["child"]]["name"] for e in graph["edges"]
+            if ids[e["parent"]]["type"] == parent_type and ids[e["parent"]]["name"] == parent}
+
+
 class BlockGraph:
     """Adds, lists and removes block nodes on one QEMU.
 
@@ -114,11 +128,7 @@ class BlockGraph:
 
     async def children(self, node_name: str) -> dict[str, str]:
         """A node's children by edge name (``file``, ``backing``...), from QEMU's block graph."""
-        graph = await self.client.execute("x-debug-query-block-graph")
-        ids = {n["id"]: n for n in graph["nodes"]}
-        return {e["name"]: ids[e["child"]]["name"] for e in graph["edges"]
-                if ids[e["parent"]]["type"] == "block-driver"
-                and ids[e["parent"]]["name"] == node_name}
+        return await graph_children(self.client, "block-driver", node_name)
 
     async def table(self) -> list[dict[str, Any]]:
         """The node graph as rows (node name, driver, size, file), for display."""

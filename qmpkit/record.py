@@ -36,6 +36,7 @@ from .analysis import Forecast, forecast, rate, summarize
 from .client import Client
 from .errors import ArgumentError, QemuCommandError, QmpkitError
 from .job import Job
+from .nodes import graph_children
 from .trace import Sample, Trace
 
 __all__ = ["Recorder", "Recording", "checkpoint"]
@@ -202,24 +203,18 @@ class Recorder:
             rec.samples.append(replace(s, throughput_bps=round(max(0.0, tp or 0.0), 1)))
 
     async def _locate_bitmaps(self, recs: list[Recording]) -> None:
-        try:
-            graph = await self.client.execute("x-debug-query-block-graph")
-        except QemuCommandError:
-            # An unstable (x-) command: if it is gone, guess from the arguments.
-            for rec in recs:
-                args = getattr(rec.job, "arguments", {})
-                rec.dirty_nodes = tuple(n for n in (args.get("device"),
-                                                    args.get("filter-node-name")) if n)
-            return
-        names = {n["id"]: n for n in graph["nodes"]}
         for rec in recs:
             if rec.dirty_nodes is not None:
                 continue
-            job_ids = [i for i, n in names.items()
-                       if n["type"] == "block-job" and n["name"] == rec.job.job_id]
-            rec.dirty_nodes = tuple(
-                names[e["child"]]["name"] for e in graph["edges"]
-                if e["parent"] in job_ids and e["name"] in ("source", "main node"))
+            try:
+                edges = await graph_children(self.client, "block-job", rec.job.job_id)
+            except QemuCommandError:
+                # An unstable (x-) command: if it is gone, guess from the arguments.
+                args = getattr(rec.job, "arguments", {})
+                rec.dirty_nodes = tuple(n for n in (args.get("device"),
+                                                    args.get("filter-node-name")) if n)
+                continue
+            rec.dirty_nodes = tuple(v for k, v in edges.items() if k in ("source", "main node"))
 
     async def __aenter__(self) -> "Recorder":
         self.start()

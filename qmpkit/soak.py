@@ -19,7 +19,7 @@ from typing import Any, Callable
 from .errors import VerifyError
 from .mirror import COPY_MODES
 from .session import Qemu
-from .units import format_size
+from .units import format_size, parse_size
 from .workload import FioLoad, FioRunner, verify_image
 
 __all__ = ["SoakRun", "soak"]
@@ -80,7 +80,6 @@ async def one_run(rng: random.Random, size: int, *, base_dir: Any = None) -> Soa
 async def soak(runs: int = 20, *, size: int | str = "64M", seed: int = 0,
                report: Callable[[SoakRun, int], None] | None = None,
                base_dir: Any = None) -> list[SoakRun]:
-    from .units import parse_size
     rng = random.Random(seed)
     out = []
     for i in range(runs):

@@ -166,7 +166,6 @@ async def run_sweep(out: os.PathLike[str] | str, *, configs: Sequence[Config],
 
     :param progress: called as ``progress(k, n, label, eta_s)`` before run k of n.
     """
-    import pandas as pd
     if repeat < 1:
         raise ArgumentError("repeat", f"must be >= 1, got {repeat!r}")
     out = Path(out)

@@ -89,17 +89,17 @@ class _Panel:
         except RuntimeError:
             here = None
         if loop is None or here is loop:
-            task = asyncio.ensure_future(coro)
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
-            return task
+            return self._track(coro)
         return asyncio.run_coroutine_threadsafe(self._on_loop(coro), loop)  # type: ignore
 
     async def _on_loop(self, coro: Awaitable[Any]) -> Any:
+        return await self._track(coro)
+
+    def _track(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
-        return await task
+        return task
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

@@ -101,14 +101,15 @@ class FioLoad:
         if self.io_size is not None:
             args.append(f"--io_size={self.io_size}")
         if self.verify:
-            args += ["--verify=crc32c", "--do_verify=0"]
+            args.append("--verify=crc32c")
         return args
 
     def argv(self, uri: str, lat_prefix: Path | None) -> list[str]:
         # No --output: fio's "connected" line then comes on stdout before the
         # JSON, and tells us when the load has begun.
         argv = ["fio", "--name=guest", "--ioengine=nbd", f"--uri={uri}",
-                *self._pattern_args(), f"--iodepth={self.iodepth}",
+                *self._pattern_args(), *(["--do_verify=0"] if self.verify else []),
+                f"--iodepth={self.iodepth}",
                 "--output-format=json", "--thread"]  # one process: it dies with us
         if self.io_size is None:
             argv += ["--time_based", f"--runtime={max(1, round(self.runtime))}s"]
@@ -174,7 +175,6 @@ async def verify_image(path: os.PathLike[str] | str, load: FioLoad) -> None:
     argv = ["fio", "--name=guest", "--ioengine=psync", f"--filename={os.fspath(path)}",
             *load._pattern_args(), "--verify_only", "--do_verify=1", "--thread",
             "--output-format=normal"]
-    argv = [a for a in argv if a != "--do_verify=0"]
     code, out = await run_tool(argv, ok_codes=(0, 1, 2))
     if code != 0 or "verify: bad" in out or "bad magic" in out:
         raise VerifyError(f"fio verify of {os.fspath(path)} failed: "

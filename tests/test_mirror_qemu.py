@@ -9,7 +9,7 @@ from helpers import progress, sha256
 
 from qmpkit import (ArgumentError, JobEnd, JobFailedError, JobTimeoutError, QemuCommandError,
                     VerifyError, compare_images)
-from qmpkit.images import chunk_pattern, image_map, run_tool
+from qmpkit.images import image_map, run_tool
 
 MiB = 1 << 20
 SIZE = 64 * MiB
