@@ -5,9 +5,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# qemu-system-x86: the tests start real VMs (-drive, -blockdev) as well as the storage daemon.
 # chromium: the browser test drives JupyterLab in Debian's Chromium (never a downloaded one)
-APT_PACKAGES := qemu-system-common qemu-utils fio chromium
-TOOLS := qemu-storage-daemon qemu-img qemu-io fio chromium
+APT_PACKAGES := qemu-system-common qemu-system-x86 qemu-utils fio chromium
+TOOLS := qemu-storage-daemon qemu-system-x86_64 qemu-img qemu-io fio chromium
 STAMP := $(VENV)/.qmpkit-installed
 LAB_PORT ?= 8888
 

@@ -1,16 +1,21 @@
 """
 The ``qmpkit`` command.
 
-Exit codes: 0 done as asked; 1 the job failed or QEMU refused a command
-(QEMU's message is printed); 2 bad arguments, nothing started; 3 timeout
-(the job is cancelled unless ``--then leave``); 130 interrupted (SIGINT);
-143 terminated (SIGTERM).
+Exit codes: 0 done as asked; 1 the job failed, QEMU refused a command
+(QEMU's message is printed) or the copy differs; 2 bad arguments, nothing
+started; 3 timeout (the job is cancelled unless ``--then leave``); 4 done,
+but ``--verify`` could not check the copy (the disks were written during the
+compare); 130 interrupted (SIGINT); 143 terminated (SIGTERM or SIGHUP).
+
+The faces only turn options into calls: every mirror runs through
+`qmpkit.lifecycle.MirrorRun`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -19,24 +24,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from . import __version__
-from .client import Client
-from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommandError,
-                     QmpkitError, ToolError)
 from .demo import run_demo, table_text, write_plots
+from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommandError,
+                     QmpkitError)
 from .experiment import Setup, run_experiment
-from .images import create_image
-from .job import Job
-from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, MirrorJob, mirror_arguments, start_mirror
-from .nodes import BlockGraph
-from .record import Recorder, Recording, checkpoint
+from .lifecycle import MirrorRun
+from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, mirror_arguments
 from .session import Qemu
-from .trace import Trace
+from .trace import Trace, prepare_out_dir
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import RW_MODES, FioLoad
 
 __all__ = ["main", "build_parser"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNVERIFIED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,17 @@ log = logging.getLogger(__name__)
 
 class UsageError(Exception):
     """A bad command line: exit 2, nothing started."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with qmpkit's one error format: ``qmpkit: error: --opt: why``,
+    exit 2, no usage dump (``--help`` has it)."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        import re
+        # our option types already name the option: do not say it twice
+        message = re.sub(r"^argument (\S+?)(?:/\S+)?: (\1: )", r"\2", message)
+        self.exit(EXIT_USAGE, f"qmpkit: error: {message}\n")
 
 
 def _option_type(parser: Any, kind: str, name: str) -> Any:
@@ -129,7 +141,7 @@ def setup_from_args(ns: argparse.Namespace) -> Setup:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qmpkit",
         description="Run and watch QEMU blockdev-mirror jobs. Sizes take 4K, 64KiB, 16M, 1G "
                     "or bytes (binary units); rates take the same, per second.")
@@ -156,13 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="an existing target node (added with blockdev-add)")
     tgt.add_argument("--target-file", metavar="PATH", type=Path,
                      help="an image file to open as the target node")
-    m.add_argument("--target-format", choices=("raw", "qcow2"), default="raw",
-                   help="format of --target-file (default: raw)")
+    m.add_argument("--target-format", choices=("raw", "qcow2"), default=None,
+                   help="format of --target-file (default with --create: qcow2 for --sync "
+                        "top or none, else the source's format)")
     m.add_argument("--create", action="store_true",
-                   help="create --target-file, as large as the source")
-    m.add_argument("--target-node", metavar="NAME", default="qmpkit-target",
-                   help="node name for --target-file (default: qmpkit-target)")
-    m.add_argument("--job-id", metavar="ID", help="job id (default: the device name)")
+                   help="create --target-file, as large as the source, mode 0600 (or the "
+                        "source file's), backed as --sync needs: top by the source's backing "
+                        "file, none by the source itself (as drive-mirror does)")
+    m.add_argument("--target-node-name", "--target-node", dest="target_node_name",
+                   metavar="NAME",
+                   help="node name for --target-file (default: qmpkit-JOBID, unique)")
+    m.add_argument("--job-id", metavar="ID",
+                   help="job id (default: the device name, or mirror-blockN for #blockN)")
     m.add_argument("--sync", choices=SYNC_MODES, default="full",
                    help="what to copy: full (all), top (only the top image's data), "
                         "none (only new writes). Default: full")
@@ -200,8 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                    help="overall deadline in seconds (default 3600)")
     m.add_argument("--verify", action="store_true",
-                   help="after the job ends, compare source and target files with qemu-img "
-                        "compare (meaningful only when nothing writes to the source)")
+                   help="after the job ends, compare source and target with qemu-img compare "
+                        "while checking that nothing writes to them; if something does, say "
+                        "'cannot verify' (exit 4), never a false mismatch")
+    m.add_argument("--pause-guest-to-verify", action="store_true",
+                   help="with --verify on a VM: pause the guest (stop/cont) from just before "
+                        "the pivot until the compare is done")
     m.add_argument("--out", type=Path, metavar="DIR",
                    help="record the job and write its trace folder (trace.csv, "
                         "events.jsonl, summary.json) and plots here")
@@ -257,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop a run early once its forecast has said 'not converging' for 3 s")
     sw.add_argument("--latency-budget-ms", type=_positive_float("--latency-budget-ms"),
                     metavar="MS", help="the guest's p99 write latency the pick must keep")
+    sw.add_argument("--fresh", action="store_true",
+                    help="discard a sweep already in --out (its runs and results) instead "
+                         "of resuming it; a resume needs exactly the same settings")
     sw.add_argument("--seed", type=int, default=0, metavar="N",
                     help="shuffles the run order (default 0); the same seed, the same order")
     sw.add_argument("--hz", type=_positive_float("--hz"), default=10.0, metavar="N",
@@ -325,29 +349,60 @@ class Progress:
             self._drawn = False
 
 
-async def _watch(job: Job, progress: Progress, until: Any,
-                 recording: Recording | None = None) -> None:
-    """Redraw progress until ``until`` (an awaitable) finishes."""
+async def _watch(run: MirrorRun, progress: Progress, until: Any) -> Any:
+    """Redraw the run's progress until ``until`` (an awaitable) finishes; its result."""
     task = asyncio.ensure_future(until)
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)
             if done:
-                break
-            if recording is not None:
-                if recording.samples:
-                    s = recording.samples[-1]
-                    progress.update(s.status, s.current_progress, s.total_progress,
-                                    recording.forecast().text, rate=s.throughput_bps)
-                continue
-            info = await job.info()
-            if info is not None:
-                progress.update(info["status"], info["current-progress"],
-                                info["total-progress"])
-        task.result()
+                return task.result()
+            _show(run, progress)
     finally:
         if not task.done():
             task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _show(run: MirrorRun, progress: Progress) -> None:
+    if run.job is None or run.recording is None or not run.recording.samples:
+        return
+    live = run.live()
+    if live.ended is not None:
+        return
+    note = "paused" if live.status in ("paused", "standby") else \
+        (live.forecast.text if live.forecast is not None else "")
+    progress.update(live.status or "starting", live.current_bytes, live.total_bytes, note,
+                    rate=live.throughput_bps)
+
+
+class _EventLines:
+    """Prints a job's events, at most ``per_s`` lines a second: an error flood
+    (thousands of BLOCK_JOB_ERROR a second) becomes one summary line a second."""
+
+    def __init__(self, progress: Progress, per_s: float = 5.0) -> None:
+        self.progress = progress
+        self.per_s = per_s
+        self._window = (0.0, 0)
+        self._held = 0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = _describe_event(event)
+        if not text:
+            return
+        now = time.monotonic()
+        start, n = self._window
+        if now - start >= 1.0:
+            if self._held:
+                self.progress.message(f"... and {self._held} more events like these")
+            self._window, self._held = (now, 0), 0
+            start, n = self._window
+        if n < self.per_s:
+            self._window = (start, n + 1)
+            self.progress.message(text)
+        else:
+            self._held += 1
 
 
 def _describe_event(event: dict[str, Any]) -> str | None:
@@ -363,11 +418,11 @@ def _describe_event(event: dict[str, Any]) -> str | None:
 
 
 async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
-    client = await Client.attach(ns.qmp)
+    qemu = await Qemu.open(ns.qmp)
     try:
-        rows = await BlockGraph(client, ".").table()
+        rows = await qemu.nodes.table()
     finally:
-        await client.close()
+        await qemu.close()
     out.write(f"{'NODE':<24} {'DRIVER':<12} {'SIZE':>10}  FILE\n")
     for r in rows:
         out.write(f"{r['node']:<24} {r['driver']:<12} {format_size(r['size']):>10}  {r['file']}\n")
@@ -383,12 +438,24 @@ def _mirror_options(ns: argparse.Namespace) -> dict[str, Any]:
                 auto_dismiss=False if ns.no_auto_dismiss else None)
 
 
+def _usage(exc: ArgumentError) -> UsageError:
+    """An `ArgumentError` as the command line names it (``--buf-size: ...``)."""
+    return UsageError(f"--{exc.argument.replace('_', '-')}: {str(exc).split(': ', 1)[1]}")
+
+
 def _check_mirror_options(device: str, target: str, options: dict[str, Any]) -> None:
     try:
         mirror_arguments(device=device, target=target, **options)  # all checks, no I/O
     except ArgumentError as exc:
-        raise UsageError(f"--{exc.argument.replace('_', '-')}: "
-                         f"{str(exc).split(': ', 1)[1]}") from None
+        raise _usage(exc) from None
+
+
+def _check_out(folder: Path | None) -> None:
+    if folder is not None:
+        try:
+            prepare_out_dir(folder)
+        except ArgumentError as exc:
+            raise UsageError(str(exc)) from None
 
 
 async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -402,136 +469,136 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError("with --qmp, give --device and one of --target or --target-file")
     if ns.create and ns.target_file is None:
         raise UsageError("--create needs --target-file")
-    if ns.target_file is not None:
-        if ns.create and ns.target_file.exists():
-            raise UsageError(f"--target-file {str(ns.target_file)!r} exists; drop --create "
-                             "to use it")
-        if not ns.create and not ns.target_file.exists():
-            raise UsageError(f"--target-file {str(ns.target_file)!r} does not exist; add "
-                             "--create to make it")
-    target = ns.target or ns.target_node
-    _check_mirror_options(ns.device, target, options)
-
+    if ns.pause_guest_to_verify and not ns.verify:
+        raise UsageError("--pause-guest-to-verify needs --verify")
+    _check_mirror_options(ns.device, ns.target or "qmpkit-target", options)
+    _check_out(ns.out)
     progress = Progress(out)
-    client = await Client.attach(ns.qmp)
-    graph = BlockGraph(client, ".")
-    added_target = False
-    job: MirrorJob | None = None
-    recorder: Recorder | None = None
-    recording: Recording | None = None
-    saver: asyncio.Future[None] | None = None
+    qemu = await Qemu.open(ns.qmp)
+    run: MirrorRun | None = None
+    failure: BaseException | None = None
     try:
-        if ns.target_file is not None:
-            if ns.create:
-                src = await graph.node(ns.device)
-                await create_image(ns.target_file, src.size, fmt=ns.target_format)
-            await graph.add_file(ns.target_node, ns.target_file, fmt=ns.target_format)
-            added_target = True
-        if ns.out is not None:
-            recorder = Recorder(client, hz=ns.hz)
-            meta = {"disk_bytes": (await graph.node(ns.device)).size,
-                    "qemu_version": ".".join(map(str, await client.version())),
-                    "qmp": ns.qmp, "workload": None,
-                    "workload_text": f"attached to {ns.qmp}; the load is whatever writes there"}
-        job = await start_mirror(client, device=ns.device, target=target, **options)
-        if recorder is not None:
-            recording = recorder.add(job, meta=meta)
-            recorder.start()
-            saver = asyncio.ensure_future(checkpoint(recording, ns.out))
-
-        def show(event: dict[str, Any]) -> None:
-            text = _describe_event(event)
-            if text:
-                progress.message(text)
-
-        job.on_event(show)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ns.timeout
-        left = lambda: max(0.1, deadline - loop.time())  # noqa: E731
-        started = time.monotonic()
-        await _watch(job, progress, job.wait_ready(timeout=left()), recording)
-        if ns.then == "leave":
-            progress.message(f"job {job.job_id} left running in READY")
-            added_target = False
-            return EXIT_OK
-        if ns.then == "complete":
-            end = job.complete(timeout=left() if until == "done" else None)
-        else:
-            end = job.cancel(force=False, timeout=left() if until == "done" else None)
-        await _watch(job, progress, end, recording)
-        if until == "done":
-            state = job.state
-            copied = state.offset or 0
-            secs = time.monotonic() - started
-            verb = "completed (pivoted to the target)" if ns.then == "complete" else \
-                "ended with a point-in-time copy"
-            progress.message(f"job {job.job_id} {verb}: {format_size(copied)} in {secs:.1f} s "
-                             f"({format_rate(copied / secs if secs else 0)})")
-            if ns.then == "complete":
-                added_target = False
-            if ns.verify:
-                await Qemu(client, workdir=Path(".")).verify(ns.device, target)
-                progress.message("verified: source and target hold the same data")
-        else:
-            added_target = False
-        return EXIT_OK
-    except JobTimeoutError as exc:
-        progress.message(f"qmpkit: timeout: {exc}")
-        if job is not None and ns.then != "leave":
-            await _cancel_quietly(job, progress)
-        elif ns.then == "leave":
-            added_target = False
-        return EXIT_TIMEOUT
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        progress.message("qmpkit: interrupted; cancelling the job")
-        if job is not None:
-            await _cancel_quietly(job, progress)
+        try:
+            run = MirrorRun(qemu, device=ns.device, target=ns.target,
+                            target_file=ns.target_file, create=ns.create,
+                            target_format=ns.target_format,
+                            target_node_name=ns.target_node_name, hz=ns.hz, out=ns.out,
+                            pause_guest_to_verify=ns.pause_guest_to_verify,
+                            meta={"qmp": ns.qmp, "workload": None,
+                                  "workload_text": f"attached to {ns.qmp}; the load is "
+                                                   "whatever writes there"},
+                            **options)
+        except ArgumentError as exc:
+            raise _usage(exc) from None
+        return await _drive_attached(ns, run, progress, until)
+    except BaseException as exc:
+        failure = exc
+        if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)) and run is not None \
+                and run.job is not None and run.phase.value == "running":
+            progress.message("qmpkit: interrupted; cancelling the job")
         raise
-    except JobFailedError as exc:
-        progress.message(f"qmpkit: {exc}")
-        for e in exc.errors:
-            progress.message(f"  I/O error: {e.get('operation')} ({e.get('action')})")
-        return EXIT_FAILED
     finally:
         progress.end()
-        if saver is not None:
-            saver.cancel()
-        if recorder is not None and recording is not None:
-            await _save_recording(recorder, recording, ns.out, progress)
-        if job is not None:
-            await job.abandon()
-        if added_target:
-            try:
-                await graph.delete(ns.target_node)
-            except QmpkitError as exc:
-                err.write(f"qmpkit: could not remove node {ns.target_node}: {exc}\n")
-        await client.close()
+        if run is not None:
+            was_running = run.job is not None and not run.job.state.finished \
+                and run.phase.value == "running"
+            await run.close(failure)
+            if was_running and run.job is not None and run.job.state.end is not None:
+                progress.message(f"job {run.job_id} cancelled; the source is untouched")
+            for problem in run.cleanup_errors:
+                err.write(f"qmpkit: cleanup: {_clip(problem)}\n")
+            if ns.out is not None and run.recording is not None:
+                write_plots([run.trace()], ns.out)
+                progress.message(f"trace saved in {ns.out}")
+        await qemu.close()
 
 
-async def _save_recording(recorder: Recorder, recording: Recording, folder: Path,
-                          progress: Progress) -> None:
-    """Save what was recorded, whatever happened to the job."""
+async def _drive_attached(ns: argparse.Namespace, run: MirrorRun, progress: Progress,
+                          until: str) -> int:
+    run.on_event(_EventLines(progress))
+    await run.start()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ns.timeout
+    left = lambda: max(0.1, deadline - loop.time())  # noqa: E731
+    started = time.monotonic()
     try:
-        await recorder.stop()
-    except QmpkitError as exc:
-        progress.message(f"qmpkit: the recording stopped early: {exc}")
-    trace = recording.trace()
-    trace.save(folder)
-    write_plots([trace], folder)
-    progress.message(f"trace saved in {folder}")
+        outcome = await _watch(run, progress, run.wait_ready(timeout=left()))
+    except JobFailedError as exc:
+        return _job_failed(exc, progress)
+    if outcome != "ready":
+        progress.message(f"qmpkit: timeout: timed out after {ns.timeout:g} s waiting for job "
+                         f"{run.job_id!r} to become ready (last status {run.state.status})")
+        return EXIT_TIMEOUT
+    if ns.then == "leave":
+        run.leave()
+        progress.message(f"job {run.job_id} left running in READY; see `qmpkit jobs`")
+        return EXIT_OK
+    try:
+        if ns.then == "complete":
+            end = await _watch(run, progress, run.complete(
+                timeout=left() if until == "done" else None, verify=ns.verify))
+        else:
+            end = await _watch(run, progress, run.cancel(
+                timeout=left() if until == "done" else None))
+            if ns.verify and end is not None:
+                await run.verify()
+    except JobFailedError as exc:
+        code = _job_failed(exc, progress)
+        if run.error is not None and run.error.startswith("refused to pivot"):
+            progress.message(f"job {run.job_id} cancelled; the source is untouched")
+        return code
+    except JobTimeoutError as exc:
+        progress.message(f"qmpkit: timeout: {exc}")
+        return EXIT_TIMEOUT
+    if end is None:
+        progress.message(f"job {run.job_id}: {ns.then} sent; not waiting for the end "
+                         "(--until ready)")
+        return EXIT_OK
+    copied = run.state.offset or 0
+    secs = time.monotonic() - started
+    verb = "completed (pivoted to the target)" if run.completed else \
+        "ended with a point-in-time copy"
+    progress.message(f"job {run.job_id} {verb}: {format_size(copied)} in {secs:.1f} s "
+                     f"({format_rate(copied / secs if secs else 0)})")
+    if run.verification is not None:
+        progress.message(str(run.verification))
+        if run.verification.ok is False:
+            return EXIT_FAILED
+        if run.verification.ok is None:
+            return EXIT_UNVERIFIED
+    return EXIT_OK
 
 
-def _live_progress(progress: Progress, timeout: float
-                   ) -> tuple[Callable[[Recorder, Any], None], list[asyncio.Task[None]]]:
+def _job_failed(exc: JobFailedError, progress: Progress) -> int:
+    progress.message(f"qmpkit: {_clip(str(exc))}")
+    for e in exc.errors[:3]:
+        progress.message(f"  I/O error: {e.get('operation')} ({e.get('action')})")
+    return EXIT_FAILED
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    """One line of at most ``limit`` characters, control characters escaped
+    (text from QEMU or a QMP peer must not drive the terminal)."""
+    clean = "".join(c if c.isprintable() else repr(c)[1:-1] for c in " ".join(text.split()))
+    return clean if len(clean) <= limit else clean[:limit - 5] + " [..]"
+
+
+def _live_progress(progress: Progress) -> tuple[Callable[[MirrorRun], None],
+                                                list[asyncio.Task[None]]]:
     """An ``on_start`` for `run_experiment` that shows each new run's progress and
     forecast (replacing the previous run's), and the tasks to cancel at the end."""
     watcher: list[asyncio.Task[None]] = []
 
-    def on_start(recorder: Recorder, job: Any) -> None:
+    async def follow(run: MirrorRun) -> None:
+        while run.job is not None and not run.job.state.finished:
+            _show(run, progress)
+            await asyncio.sleep(0.25)
+
+    def on_start(run: MirrorRun) -> None:
         for task in watcher:
             task.cancel()
-        watcher.append(asyncio.ensure_future(_watch(
-            job, progress, job.wait_done(timeout=timeout), recorder.recordings[-1])))
+        run.on_event(_EventLines(progress))
+        watcher.append(asyncio.ensure_future(follow(run)))
 
     return on_start, watcher
 
@@ -543,12 +610,16 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
                          "--qmp (without it, qmpkit makes its own source and target)")
     if ns.then == "leave":
         raise UsageError("--then leave needs --qmp: the embedded QEMU stops when qmpkit exits")
+    if ns.pause_guest_to_verify:
+        raise UsageError("--pause-guest-to-verify needs --qmp of a VM: the embedded QEMU "
+                         "has no guest (its write load is stopped before the pivot)")
     _check_mirror_options("src", "dst", options)
+    _check_out(ns.out)
     setup, load = setup_from_args(ns), load_from_args(ns)
     progress = Progress(out)
     progress.message(f"embedded QEMU: {setup.describe()}; "
                      f"{load.describe() if load else 'no write load'}")
-    on_start, watcher = _live_progress(progress, ns.timeout + 600)
+    on_start, watcher = _live_progress(progress)
     try:
         result = await run_experiment(setup=setup, load=load, mirror=options,
                                       time_limit=ns.timeout, hz=ns.hz, out=ns.out,
@@ -566,16 +637,18 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
                          f"{result.trace.summary.get('error') or 'the job was cancelled'}")
         return EXIT_TIMEOUT
     progress.message(f"READY after {s['time_to_ready_s']:.1f} s, completed, "
-                     f"{'verified' if s.get('verified') else 'NOT verified'}; "
+                     f"{s.get('verification') or 'NOT verified'}; "
                      f"{format_size(s['bytes_copied'])} copied "
                      f"(amplification {s['amplification']:.2f})")
-    return EXIT_OK if s.get("verified") is not False else EXIT_FAILED
+    return EXIT_OK if s.get("verified") else EXIT_FAILED if s.get("verified") is False \
+        else EXIT_UNVERIFIED
 
 
 async def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
     setup, load = setup_from_args(ns), load_from_args(ns)
+    _check_out(ns.out)
     progress = Progress(out)
-    on_start, watcher = _live_progress(progress, ns.time_limit + 600)
+    on_start, watcher = _live_progress(progress)
     progress.message(f"qmpkit demo: {setup.describe()}; "
                      f"{load.describe() if load else 'no write load'}")
     try:
@@ -618,6 +691,7 @@ async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
 
     if ns.repeat < 1:
         raise UsageError(f"--repeat: must be >= 1, got {ns.repeat}")
+    _check_out(ns.out)
     configs = grid(granularity=_list(ns.granularity, "--granularity", check_granularity),
                    buf_size=_list(ns.buf_size, "--buf-size",
                                   lambda v: parse_size(v, name="buf_size")),
@@ -634,11 +708,11 @@ async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
 
     out.write(f"qmpkit sweep: {len(configs)} configurations x {ns.repeat} + offline copy; "
               f"{setup.describe()}; {load.describe() if load else 'no write load'}\n")
-    result = await run_sweep(ns.out, configs=configs, repeat=ns.repeat, setup=setup, load=load,
-                             time_limit=ns.time_limit, seed=ns.seed, early_stop=ns.early_stop,
-                             hz=ns.hz, progress=progress,
-                             latency_budget_us=(ns.latency_budget_ms * 1000.0
-                                                if ns.latency_budget_ms else None))
+    budget_us = ns.latency_budget_ms * 1000.0 if ns.latency_budget_ms else None
+    result = await _sweep_or_usage(run_sweep(
+        ns.out, configs=configs, repeat=ns.repeat, setup=setup, load=load,
+        time_limit=ns.time_limit, seed=ns.seed, early_stop=ns.early_stop, hz=ns.hz,
+        progress=progress, fresh=ns.fresh, latency_budget_us=budget_us))
     rec = result["recommendation"]
     out.write("\n" + sweep_table(result["summary"]) + "\n\n")
     if rec["chosen"] is None:
@@ -653,22 +727,34 @@ async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+async def _sweep_or_usage(coro: Any) -> Any:
+    """A sweep folder that cannot be resumed is a usage error (``--out: ...``)."""
+    try:
+        return await coro
+    except ArgumentError as exc:
+        if exc.argument == "out":
+            raise _usage(exc) from None
+        raise
+
+
 def sweep_table(summary: Any) -> str:
-    lines = [f"{'configuration':<66} {'READY':>7} {'time to READY':>15} {'ampl.':>6} "
+    lines = [f"{'configuration':<66} {'READY':>18} {'time to READY':>15} {'ampl.':>6} "
              f"{'p99':>9}"]
     for r in summary.to_dict("records"):
         t = r["time_to_ready_s"]
         sd = r["time_to_ready_s_sd"] or 0.0
-        ready = f"{r['converged_runs']}/{r['runs']}"
+        ready = f"{r['converged_runs']}/{r['runs']}" + \
+            (f" ({r['failed_runs']} failed)" if r.get("failed_runs") else "")
         tt = f"{t:.1f} ± {sd:.1f} s" if t == t and t is not None else "-"
         amp = f"{r['amplification']:.2f}" if r["amplification"] == r["amplification"] else "-"
         p99 = r["guest_p99_us"]
         p99t = f"{p99 / 1000:.1f} ms" if p99 is not None and p99 == p99 else "-"
-        lines.append(f"{r['label']:<66} {ready:>7} {tt:>15} {amp:>6} {p99t:>9}")
+        lines.append(f"{r['label']:<66} {ready:>18} {tt:>15} {amp:>6} {p99t:>9}")
     return "\n".join(lines)
 
 
 def _cmd_plot(ns: argparse.Namespace, out: TextIO) -> int:
+    _check_out(ns.out)
     traces = []
     for folder in ns.traces:
         try:
@@ -682,29 +768,32 @@ def _cmd_plot(ns: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-async def _cancel_quietly(job: MirrorJob, progress: Progress) -> None:
-    try:
-        await job.cancel(force=True, timeout=30)
-        progress.message(f"job {job.job_id} cancelled; the source is untouched")
-    except QmpkitError as exc:
-        progress.message(f"qmpkit: cancelling job {job.job_id} failed: {exc}")
-
-
 def _run(coro: Any) -> int:
-    """``asyncio.run`` at the edge. SIGINT and SIGTERM cancel the work, so that
-    every ``finally`` runs: jobs are cancelled and traces saved."""
+    """``asyncio.run`` at the edge. SIGTERM and SIGHUP cancel the work (as
+    SIGINT does), so that every ``finally`` runs: jobs are cancelled, nodes
+    and temp dirs removed, traces saved."""
     async def guarded() -> int:
         task = asyncio.current_task()
         assert task is not None
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-        return await coro
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await coro
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
     return asyncio.run(guarded())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A qmpkit started with SIGINT ignored (a background job of a script) must
+    # still stop cleanly on Ctrl-C: asyncio only handles SIGINT when it has
+    # Python's default handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     parser = build_parser()
     ns = parser.parse_args(argv)
-    logging.basicConfig(level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(ns.verbose, 2)],
+    logging.basicConfig(level=(logging.ERROR, logging.INFO, logging.DEBUG)[min(ns.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     # qmpkit reports QMP failures itself, in one line; qemu.qmp's own log only with -vv.
     logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if ns.verbose >= 2 else logging.CRITICAL)
@@ -719,15 +808,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "sweep":
             return _run(_cmd_sweep(ns, out))
         return _run(_cmd_mirror(ns, out, err))
-    except UsageError as exc:
-        parser.exit(EXIT_USAGE, f"qmpkit: error: {exc}\n")
-    except ArgumentError as exc:
-        parser.exit(EXIT_USAGE, f"qmpkit: error: {exc}\n")
+    except (UsageError, ArgumentError) as exc:
+        err.write(f"qmpkit: error: {_clip(str(exc))}\n")
+        return EXIT_USAGE
     except QemuCommandError as exc:
-        err.write(f"qmpkit: QEMU refused {exc.command}: {exc.desc}\n")
+        err.write(f"qmpkit: QEMU refused {exc.command}: {_clip(exc.desc)}\n")
         return EXIT_FAILED
-    except (QmpkitError, ToolError) as exc:
-        err.write(f"qmpkit: {exc}\n")
+    except QmpkitError as exc:
+        err.write(f"qmpkit: {_clip(str(exc))}\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         err.write("qmpkit: interrupted\n")
@@ -735,7 +823,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except asyncio.CancelledError:
         err.write("qmpkit: terminated\n")
         return EXIT_TERMINATED
-    return EXIT_OK  # unreachable; keeps type checkers content
 
 
 if __name__ == "__main__":  # pragma: no cover

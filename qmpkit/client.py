@@ -12,14 +12,18 @@ import asyncio
 import contextlib
 import logging
 import re
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.events import EventFilter
 
-from .errors import ArgumentError, QemuCommandError, QmpConnectionError
+from .errors import ArgumentError, QemuCommandError, QmpConnectionError, QmpTimeoutError
 
-__all__ = ["Client", "parse_address"]
+__all__ = ["Client", "parse_address", "DEFAULT_COMMAND_TIMEOUT"]
+
+#: seconds a QMP command may take before `Client.execute` gives up on it. QEMU
+#: answers in milliseconds; a drain under heavy I/O can take a few seconds.
+DEFAULT_COMMAND_TIMEOUT = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,10 @@ class Client:
             print(await qmp.execute("query-version"))
     """
 
-    def __init__(self, *, name: str = "qmpkit") -> None:
+    def __init__(self, *, name: str = "qmpkit",
+                 command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
         self._qmp = QMPClient(name)
+        self.command_timeout = command_timeout
         self.address: str | tuple[str, int] | None = None
         self._lost = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -125,18 +131,27 @@ class Client:
         """Set once the connection is gone (closed by us, or dropped)."""
         return self._lost
 
-    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None) -> Any:
+    async def execute(self, command: str, arguments: Mapping[str, Any] | None = None, *,
+                      timeout: float | None = None) -> Any:
         """Run one QMP command and return its result.
 
+        Every command has a deadline: ``timeout`` seconds, or `command_timeout`.
+        A QEMU that is stopped (SIGSTOP) or hung never answers; qemu.qmp drops
+        the late reply if it comes after all.
+
         :raise QemuCommandError: QEMU refused the command; ``desc`` is its message.
+        :raise QmpTimeoutError: no answer within the deadline.
         :raise QmpConnectionError: the connection is gone, or went while waiting.
         """
         args = dict(arguments) if arguments else None
         if self._lost.is_set() or self._qmp.runstate != Runstate.RUNNING:
             raise QmpConnectionError(f"cannot run {command}: not connected to QMP",
                                      address=self.address)
+        limit = self.command_timeout if timeout is None else timeout
         try:
-            return await self._qmp.execute(command, args)
+            return await asyncio.wait_for(self._qmp.execute(command, args), limit)
+        except asyncio.TimeoutError:
+            raise QmpTimeoutError(command, limit, address=self.address) from None
         except ExecuteError as exc:
             raise QemuCommandError(command, args, exc.error_class, str(exc)) from exc
         except (ExecInterruptedError, QMPError, EOFError, OSError) as exc:
@@ -157,15 +172,59 @@ class Client:
         with contextlib.suppress(Exception):
             self._qmp.remove_listener(listener)
 
+    async def wait_event(self, name: str,
+                         match: Mapping[str, Any] | Callable[[Mapping[str, Any]], bool] | None
+                         = None, *, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait for the next event ``name`` (from now on) whose ``data`` holds
+        ``match`` (a dict of fields, or a predicate on the event). To catch an
+        event that a command triggers, use `listener` around the command instead.
+
+        :raise QmpTimeoutError: no such event within ``timeout`` seconds.
+        :raise QmpConnectionError: the connection went while waiting.
+        """
+        def wanted(ev: Mapping[str, Any]) -> bool:
+            if match is None:
+                return True
+            if callable(match):
+                return bool(match(ev))
+            data = ev.get("data", {})
+            return all(data.get(k) == v for k, v in match.items())
+
+        async def first() -> dict[str, Any]:
+            with self.listener(name) as listener:
+                async for ev in listener:
+                    if wanted(ev):
+                        return dict(ev)
+            raise QmpConnectionError(f"QMP connection lost while waiting for {name}",
+                                     address=self.address)
+
+        getter = asyncio.ensure_future(first())
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            done, _ = await asyncio.wait({getter, lost}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                return getter.result()
+            if lost in done:
+                raise QmpConnectionError(f"QMP connection lost while waiting for {name}",
+                                         address=self.address)
+            raise QmpTimeoutError(f"event {name}", timeout, address=self.address)
+        finally:
+            for t in (getter, lost):
+                t.cancel()
+            await asyncio.gather(getter, lost, return_exceptions=True)
+
     async def version(self) -> tuple[int, int, int]:
         v = (await self.execute("query-version"))["qemu"]
         return (v["major"], v["minor"], v["micro"])
 
-    async def close(self) -> None:
-        """Disconnect. Safe to call twice, and after QEMU went away."""
+    async def close(self, *, timeout: float = 5.0) -> None:
+        """Disconnect. Safe to call twice, and after QEMU went away (or hung)."""
         self._closing = True
         try:
-            await self._qmp.disconnect()
+            await asyncio.wait_for(self._qmp.disconnect(), timeout)
+        except asyncio.TimeoutError:
+            log.debug("QMP disconnect did not finish within %g s", timeout)
         except (EOFError, OSError, QMPError) as exc:
             # QEMU hung up first (quit, or killed): expected at shutdown.
             log.debug("QMP disconnect: %r", exc)

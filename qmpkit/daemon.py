@@ -23,6 +23,7 @@ from typing import Sequence
 
 from .client import Client
 from .errors import QemuStartError, QmpConnectionError, QmpkitError
+from .process import die_with_parent
 
 __all__ = ["StorageDaemon", "DaemonState"]
 
@@ -34,15 +35,6 @@ DEFAULT_BINARY = "qemu-storage-daemon"
 def _opt(value: str) -> str:
     """Escape a value inside a QEMU ``key=value,...`` option (commas double)."""
     return value.replace(",", ",,")
-
-
-def die_with_parent() -> None:
-    """``preexec_fn`` for the children qmpkit starts: the kernel kills them when
-    the thread that started them dies (PR_SET_PDEATHSIG), so a killed qmpkit
-    leaves no QEMU or fio behind."""
-    import ctypes
-    import signal
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -148,7 +140,8 @@ class StorageDaemon:
             with open(self.log_path, "wb") as logf:
                 self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=logf,
                                               stderr=subprocess.STDOUT, cwd=self.workdir,
-                                              preexec_fn=die_with_parent)
+                                              preexec_fn=die_with_parent,
+                                              start_new_session=True)
         except OSError as exc:
             self._cleanup_dir()
             self.state = DaemonState.STOPPED

@@ -12,7 +12,10 @@ needs to act on it, not just a message::
      ├── ToolError             qemu-img, qemu-io or fio failed
      │                         .argv .output .returncode
      ├── QmpConnectionError    cannot reach QMP, or the connection dropped
-     │                         .address
+     │   │                     .address
+     │   └── QmpTimeoutError   QEMU did not answer a command in time (a
+     │                         stopped or hung QEMU); also a TimeoutError
+     │                         .command .timeout
      ├── QemuCommandError      QEMU refused a QMP command
      │                         .command .arguments .error_class .desc
      ├── JobError              something went wrong with a block job
@@ -78,6 +81,16 @@ class QmpConnectionError(QmpkitError):
     def __init__(self, message: str, *, address: object = None) -> None:
         self.address = address
         super().__init__(message)
+
+
+class QmpTimeoutError(QmpConnectionError, TimeoutError):
+    """QEMU did not answer a QMP command within its deadline."""
+
+    def __init__(self, command: str, timeout: float, *, address: object = None) -> None:
+        self.command = command
+        self.timeout = timeout
+        super().__init__(f"QEMU did not answer {command} within {timeout:g} s "
+                         "(is it stopped?)", address=address)
 
 
 class QemuCommandError(QmpkitError):

@@ -8,7 +8,9 @@ verifies the copy (or cancels it, recorded as not converged). The trace folder
 is written in a ``finally``: a run that fails or is interrupted still leaves
 everything recorded up to that point.
 
-The demo, the ``qmpkit mirror --out`` command and sweeps all run through it.
+The mirror itself is a `qmpkit.lifecycle.MirrorRun`, which owns the job,
+the recorder, the verification and the cleanup. The demo, the embedded
+``qmpkit mirror`` and sweeps all run through `run_experiment`.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .analysis import forecast
-from .errors import ArgumentError, JobTimeoutError, QmpkitError, VerifyError
-from .images import compare_images, convert_image, create_image, image_info
+from .errors import ArgumentError, QmpkitError
+from .images import convert_image, create_image, image_info
+from .lifecycle import MirrorRun, hopeless
 from .mirror import mirror_arguments
-from .record import Recorder, checkpoint
 from .session import Qemu
-from .trace import Trace
+from .trace import Trace, prepare_out_dir
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import FioLoad, FioRunner
 
@@ -98,40 +99,6 @@ async def measure_offline_copy(src: os.PathLike[str] | str, workdir: os.PathLike
     return size / secs if secs > 0 else 0.0
 
 
-async def _wait_ready_or_give_up(job: Any, recording: Any, time_limit: float,
-                                 give_up: Callable[[Any], bool] | None) -> str:
-    """``"ready"``, ``"timeout"`` or ``"gave up"`` (when ``give_up`` said so)."""
-    ready = asyncio.ensure_future(job.wait_ready(timeout=time_limit))
-    try:
-        while True:
-            done, _ = await asyncio.wait({ready}, timeout=0.5)
-            if done:
-                try:
-                    ready.result()
-                    return "ready"
-                except JobTimeoutError:
-                    return "timeout"
-            if give_up is not None and give_up(recording):
-                return "gave up"
-    finally:
-        ready.cancel()
-
-
-def hopeless(after_s: float = 3.0) -> Callable[[Any], bool]:
-    """A ``give_up`` rule: the forecast has said "not converging" for the last
-    ``after_s`` seconds (and the run is at least twice that old)."""
-    def check(recording: Any) -> bool:
-        s = recording.samples
-        if not s or s[-1].t_s < 2 * after_s:
-            return False
-        recent = [x for x in s if x.t_s >= s[-1].t_s - after_s]
-        cut = len(s) - len(recent)
-        # not converging at the start and at the end of the window
-        return (forecast(s[:cut + 1]).converging is False
-                and forecast(s).converging is False)
-    return check
-
-
 async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                          mirror: dict[str, Any] | None = None, time_limit: float = 60.0,
                          hz: float = 10.0, out: os.PathLike[str] | str | None = None,
@@ -140,7 +107,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                          measure_offline: bool = True,
                          load_lead_s: float = 0.5,
                          give_up: Callable[[Any], bool] | None = None,
-                         on_start: Callable[[Recorder, Any], None] | None = None,
+                         on_start: Callable[[MirrorRun], None] | None = None,
                          base_dir: os.PathLike[str] | str | None = None) -> RunResult:
     """Run one mirror under a load on a fresh embedded QEMU, and record it.
 
@@ -150,15 +117,15 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     :param out: the trace folder to write (also on failure); None keeps it in memory.
     :param give_up: called with the `Recording` twice a second; True stops waiting
         for READY early (recorded as not converged, ``early_stopped``).
-    :param on_start: called with (recorder, job) once the mirror runs (for live views).
+    :param on_start: called with the `MirrorRun` once the mirror runs (for live views).
     :raise ArgumentError: bad settings, before anything starts.
     :raise QmpkitError: the run failed; the trace is saved first.
     """
     options = dict(mirror or {})
     mirror_arguments(device="src", target="dst", **options)   # all checks, before any work
-    if time_limit <= 0:
-        raise ArgumentError("time_limit", f"must be > 0 seconds; got {time_limit!r}")
-    folder = Path(out) if out is not None else None
+    if not 0 < time_limit < float("inf"):
+        raise ArgumentError("time_limit", f"must be > 0 seconds and finite; got {time_limit!r}")
+    folder = prepare_out_dir(out) if out is not None else None
     meta: dict[str, Any] = {"label": label, "disk_bytes": setup.size,
                             "setup": {"size": setup.size, "format": setup.fmt,
                                       "target_speed_bps": setup.target_speed,
@@ -168,15 +135,11 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                                              f"; {setup.describe()}",
                             "time_limit_s": time_limit, "hz": hz}
     qemu = await Qemu.open(workdir=base_dir)
-    recorder: Recorder | None = None
-    recording = None
+    run: MirrorRun | None = None
     fio: FioRunner | None = None
-    converged = completed = False
-    verified: bool | None = None
+    converged = False
     error: BaseException | None = None
     extra: dict[str, Any] = {}
-    fio_lat: list[tuple[float, float]] = []
-    saver: asyncio.Future[None] | None = None
     remote: Qemu | None = None
     try:
         meta["qemu_version"] = ".".join(map(str, await qemu.client.version()))
@@ -199,39 +162,31 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             fio = FioRunner(load, uri, qemu.workdir / "fio")
             await fio.start()
             await asyncio.sleep(load_lead_s)   # the guest writes before the mirror starts
-        recorder = Recorder(qemu.client, hz=hz)
-        job = await qemu.mirror(device="src", target=target, **options)
-        recording = recorder.add(job, meta=meta)
-        recorder.start()
-        if folder is not None:
-            saver = asyncio.ensure_future(checkpoint(recording, folder))
+        run = MirrorRun(qemu, device="src", target=target, hz=hz, out=folder, meta=meta,
+                        **options)
+        await run.start()
         if on_start is not None:
-            on_start(recorder, job)
-        outcome = await _wait_ready_or_give_up(job, recording, time_limit, give_up)
+            on_start(run)
+        outcome = await run.wait_ready(timeout=time_limit, give_up=give_up)
         converged = outcome == "ready"
-        extra["early_stopped"] = outcome == "gave up"
+        run.extra["early_stopped"] = outcome == "gave up"
         if not converged:
             log.info("%s: not READY (censored: %s)", label, outcome)
         if fio is not None:
             result = await fio.stop()
-            extra["guest"] = result.summary()
+            run.extra["guest"] = result.summary()
             # fio's log counts from fio's start; the trace from the mirror's.
-            fio_lat = fio.latency_since(job.started_at or time.monotonic())
+            assert run.started_at is not None
+            run.fio_latency = fio.latency_since(run.started_at)
         if converged:
-            await job.complete(timeout=max(60.0, time_limit))
-            completed = True
+            await run.complete(timeout=max(60.0, time_limit))
+            if verify:
+                src_file, _ = await qemu.image_of("src")
+                dst_file, _ = await where.image_of("disk")
+                await run.verify(files=((src_file, setup.fmt), (dst_file, setup.fmt)),
+                                 watch=("src",))
         else:
-            await job.cancel(timeout=60)
-        await recorder.stop()
-        if converged and verify:
-            src_file, _ = await qemu.image_of("src")
-            dst_file, _ = await (remote or qemu).image_of("disk")
-            try:
-                await compare_images(src_file, dst_file, fmt_a=setup.fmt, fmt_b=setup.fmt)
-                verified = True
-            except VerifyError as exc:
-                verified = False
-                error = exc
+            await run.cancel(timeout=60)
         if offline_copy_bps is None and measure_offline and folder is not None:
             src_file, _ = await qemu.image_of("src")
             offline_copy_bps = await measure_offline_copy(src_file, qemu.workdir, fmt=setup.fmt)
@@ -239,38 +194,32 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
         error = exc
         raise
     finally:
-        if saver is not None:
-            saver.cancel()
         if fio is not None and fio.running:
             await fio.kill()
-        if recorder is not None:
-            try:
-                await recorder.stop()
-            except QmpkitError as exc:
-                error = error or exc
-        trace = Trace(meta=meta)
-        if recording is not None:
-            trace = recording.trace(completed=completed, verified=verified, extra=extra)
-            trace.fio_latency = fio_lat
-        if offline_copy_bps:
-            trace.summary["offline_copy_bps"] = offline_copy_bps
-        died = qemu.daemon.returncode if qemu.daemon is not None else None
-        if died is not None and died < 0:
-            # QEMU itself crashed (QEMU 7.2 was seen to segfault when cancelling a
-            # mirror): say so, rather than just "connection lost".
-            sig = signal.Signals(-died).name
-            trace.summary["error"] = f"qemu-storage-daemon died of {sig}"
-            trace.summary["qemu_crashed"] = sig
-            if isinstance(error, QmpkitError):
-                error = QmpkitError(f"qemu-storage-daemon died of {sig} during the run "
-                                    f"({error})")
-        elif isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
-            trace.summary["error"] = "interrupted"
-        elif error is not None:
-            trace.summary["error"] = trace.summary.get("error") or \
-                f"{type(error).__name__}: {error}"
-        if folder is not None:
-            trace.save(folder)
+        if run is not None:
+            if offline_copy_bps:
+                run.extra["offline_copy_bps"] = offline_copy_bps
+            died = qemu.daemon.returncode if qemu.daemon is not None else None
+            if died is not None and died < 0:
+                # QEMU itself crashed (QEMU 7.2 was seen to segfault when cancelling a
+                # mirror): say so, rather than just "connection lost".
+                sig = signal.Signals(-died).name
+                run.error = f"qemu-storage-daemon died of {sig}"
+                run.extra["qemu_crashed"] = sig
+                if isinstance(error, QmpkitError):
+                    error = QmpkitError(f"qemu-storage-daemon died of {sig} during the run "
+                                        f"({error})")
+            await run.close(error)
+            trace = run.trace()
+            extra = run.extra
+        else:
+            trace = Trace(meta=meta)
+            if error is not None:
+                trace.summary["error"] = "interrupted" if isinstance(
+                    error, (asyncio.CancelledError, KeyboardInterrupt)) \
+                    else f"{type(error).__name__}: {error}"
+            if folder is not None:
+                trace.save(folder)
         with contextlib.suppress(QmpkitError):
             await qemu.close()
         if remote is not None:        # after the NBD client side is gone

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from .errors import ArgumentError, ToolError, VerifyError
+from .process import die_with_parent
 from .units import parse_size
 
 __all__ = ["FORMATS", "create_image", "fill_image", "image_info", "image_map",
@@ -30,7 +31,8 @@ _IO_BATCH = 2048  # qemu-io commands per process
 
 
 async def run_tool(argv: Sequence[str], *, ok_codes: Sequence[int] = (0,),
-                   what: str | None = None) -> tuple[int, str]:
+                   what: str | None = None,
+                   cwd: os.PathLike[str] | str | None = None) -> tuple[int, str]:
     """Run a tool, return (exit code, output). The child dies with the caller.
 
     :raise ToolError: the tool is missing, or exits with a code not in ``ok_codes``.
@@ -38,9 +40,12 @@ async def run_tool(argv: Sequence[str], *, ok_codes: Sequence[int] = (0,),
     argv = [os.fspath(a) for a in argv]
     log.debug("run %s", argv)
     try:
+        # Its own session: a Ctrl-C meant for qmpkit does not kill it half-way;
+        # PDEATHSIG: it dies with qmpkit, even when qmpkit is killed.
         proc = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent, cwd=cwd)
     except OSError as exc:
         raise ToolError(f"cannot run {argv[0]}: {exc.strerror}", argv=argv, output="",
                         returncode=None) from exc
@@ -74,18 +79,24 @@ async def create_image(path: os.PathLike[str] | str, size: int | str, *, fmt: st
                        backing: os.PathLike[str] | str | None = None,
                        backing_fmt: str | None = None,
                        fill: int | Literal["mixed"] | None = None,
-                       cluster_size: int | str | None = None) -> Path:
+                       cluster_size: int | str | None = None, mode: int = 0o600,
+                       exclusive: bool = False, allow_empty: bool = False) -> Path:
     """Create an image with ``qemu-img create``, optionally filled with data.
 
-    :param size: virtual size (``"1G"``, bytes, ...). Must be > 0.
+    :param size: virtual size (``"1G"``, bytes, ...). Must be > 0 (or 0 with
+        ``allow_empty``, for the copy of an empty disk).
     :param fill: ``None`` leaves it empty; a byte value (0-255) fills every
         byte with it; ``"mixed"`` writes a different byte in each MiB, so a
         copy that lands data at the wrong offset is caught by a compare.
-    :raise ArgumentError: bad size, format or fill.
+    :param mode: permissions of a new file (default 0600: a disk's copy is as
+        private as the disk). The file is made before qemu-img writes it,
+        without following a symlink.
+    :param exclusive: refuse a path that already exists.
+    :raise ArgumentError: bad size, format or fill, or ``exclusive`` and the path exists.
     :raise ToolError: qemu-img or qemu-io failed.
     """
     nbytes = parse_size(size, name="size")
-    if nbytes <= 0:
+    if nbytes < 0 or (nbytes == 0 and not allow_empty):
         raise ArgumentError("size", f"must be > 0, got {size!r}")
     _check_format(fmt)
     _check_fill(fill)
@@ -101,6 +112,13 @@ async def create_image(path: os.PathLike[str] | str, size: int | str, *, fmt: st
         argv += ["-b", os.path.abspath(backing), "-F", _check_format(backing_fmt or "raw",
                                                                    "backing_fmt")]
     argv += ["--", _io_path(path), str(nbytes)]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else 0)
+    try:
+        os.close(os.open(path, flags, mode))
+    except FileExistsError:
+        raise ArgumentError("path", f"{str(path)!r} already exists") from None
+    except OSError as exc:
+        raise ArgumentError("path", f"cannot create {str(path)!r}: {exc.strerror}") from None
     await run_tool(argv)
     if fill is not None:
         await fill_image(path, fmt=fmt, fill=fill, length=nbytes)

@@ -19,6 +19,7 @@ and each has one overall deadline::
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -39,6 +40,10 @@ JOB_EVENTS = ("JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_ERROR",
               "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_PENDING")
 #: statuses after which the job does no more work
 TERMINAL = frozenset({"concluded", "null"})
+#: BLOCK_JOB_ERROR events kept in full at the start and at the end of a flood
+#: (``on-*-error=ignore`` on a full disk sends thousands a second); the rest
+#: are only counted, so memory stays bounded whatever the event rate.
+KEEP_ERRORS = 20
 
 
 class JobEnd(enum.Enum):
@@ -63,8 +68,13 @@ class JobState:
     ready_at: float | None = None
     end: JobEnd | None = None
     error: str | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)   # the first KEEP_ERRORS
     events: list[dict[str, Any]] = field(default_factory=list)
+    error_count: int = 0
+    recent_errors: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=KEEP_ERRORS))
+    recent_error_events: collections.deque[dict[str, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=KEEP_ERRORS))
     offset: int | None = None
     length: int | None = None
     connection_lost: bool = False
@@ -77,6 +87,13 @@ class JobState:
         if not self.accepts(event):
             return
         name, data = event["event"], event.get("data", {})
+        if name == "BLOCK_JOB_ERROR":
+            self.error_count += 1
+            self.recent_errors.append(dict(data))
+            if self.error_count > KEEP_ERRORS:
+                # A flood: keep the count and the latest few, not every event.
+                self.recent_error_events.append(dict(event))
+                return
         self.events.append(dict(event))
         if name == "JOB_STATUS_CHANGE":
             self.status = data["status"]
@@ -113,6 +130,19 @@ class JobState:
             self.error = info["error"]
             self.end = JobEnd.FAILED
 
+    def all_events(self) -> list[dict[str, Any]]:
+        """Every kept event in order: the first errors of a flood, the others,
+        and the latest errors (the events in between are only counted)."""
+        if not self.recent_error_events:
+            return list(self.events)
+        return sorted(self.events + list(self.recent_error_events),
+                      key=lambda e: e.get("received", 0.0))
+
+    @property
+    def dropped_errors(self) -> int:
+        """BLOCK_JOB_ERROR events counted but not kept."""
+        return max(0, self.error_count - KEEP_ERRORS - len(self.recent_error_events))
+
     @property
     def finished(self) -> bool:
         """The job does no more work (its end is known, or it is gone)."""
@@ -145,6 +175,7 @@ class Job:
         self._changed = asyncio.Condition()
         self._listener: EventListener | None = None
         self._pump: asyncio.Task[None] | None = None
+        self._inflight: asyncio.Future[Any] | None = None   # the pump's pending read
         self._callbacks: list[Callable[[dict[str, Any]], None]] = []
 
     # -- lifecycle of the watcher ----------------------------------------------
@@ -193,29 +224,59 @@ class Job:
         """Call ``callback(event)`` for each of this job's events, as it arrives."""
         self._callbacks.append(callback)
 
+    def _deliver(self, event: dict[str, Any]) -> None:
+        event = dict(event)
+        event["received"] = time.monotonic()   # for traces: QEMU's clock differs
+        self.state.apply(event)
+        log.debug("job %s: %s %s", self.job_id, event["event"], event.get("data"))
+        for cb in self._callbacks:
+            try:
+                cb(event)
+            except Exception:                  # a view's bug must not stop the job's state
+                log.exception("job %s: event callback failed", self.job_id)
+
+    def _drain(self) -> bool:
+        """Apply every event already received (QEMU sends a command's events before
+        its reply, but the pump may not have run yet). True if any was applied."""
+        listener = self._listener
+        if listener is None:
+            return False
+        applied = False
+        # The pump's own read may hold the oldest event, taken but not yet applied.
+        got = self._inflight
+        if got is not None and got.done() and not got.cancelled() and got.exception() is None:
+            self._inflight = None
+            self._deliver(got.result())
+            applied = True
+        while not listener.empty():
+            self._deliver(listener._queue.get_nowait())   # noqa: SLF001 (qemu.qmp's queue)
+            applied = True
+        return applied
+
     async def _run_pump(self, client: Client, listener: EventListener) -> None:
         lost = asyncio.ensure_future(client.lost.wait())
+        get: asyncio.Future[Any] | None = None
         try:
             while True:
-                get = asyncio.ensure_future(listener.get())
+                get = self._inflight = asyncio.ensure_future(listener.get())
                 done, _ = await asyncio.wait({get, lost}, return_when=asyncio.FIRST_COMPLETED)
                 if get in done:
-                    event = dict(get.result())
-                    event["received"] = time.monotonic()   # for traces: QEMU's clock differs
                     async with self._changed:
-                        self.state.apply(event)
+                        self._drain()       # this event first (unless a drain took it)
                         self._changed.notify_all()
-                    log.debug("job %s: %s %s", self.job_id, event["event"], event.get("data"))
-                    for cb in self._callbacks:
-                        cb(event)
                 else:
-                    get.cancel()
                     async with self._changed:
+                        self._drain()
                         self.state.connection_lost = True
                         self._changed.notify_all()
                     return
         finally:
-            lost.cancel()
+            # Cancelled (abandon) or done: no inner task may outlive the pump.
+            for task in (get, lost):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(*(t for t in (get, lost) if t is not None),
+                                 return_exceptions=True)
 
     # -- waiting -------------------------------------------------------------------
 
@@ -232,6 +293,7 @@ class Job:
 
         try:
             async with self._changed:
+                self._drain()      # decide on every event QEMU has sent so far
                 await asyncio.wait_for(self._changed.wait_for(check), timeout)
         except asyncio.TimeoutError:
             raise JobTimeoutError(job_id=self.job_id, last_status=self.state.status,
@@ -272,7 +334,9 @@ class Job:
         """
         wanted = set(statuses)
         what = f"reach status {'/'.join(statuses)}"
-        await self._wait(lambda s: s.status in wanted or s.finished, what, timeout)
+        # Not `finished`: BLOCK_JOB_COMPLETED comes before pending/concluded/null,
+        # and a caller may wait for exactly those.
+        await self._wait(lambda s: s.status in wanted or s.status in TERMINAL, what, timeout)
         if self.state.status in wanted:
             return self.state.status
         self._raise_if_failed()
@@ -303,15 +367,50 @@ class Job:
         self._raise_if_failed()
         return self.state.end or JobEnd.COMPLETED
 
+    async def wait_event(self, name: str,
+                         match: Mapping[str, Any] | Callable[[dict[str, Any]], bool] | None = None,
+                         *, timeout: float = 30.0, since: int = 0) -> dict[str, Any]:
+        """Wait for this job's event ``name`` whose ``data`` holds ``match`` (a dict
+        of fields, or a predicate on the event); events already received from
+        index ``since`` of `JobState.events` count. Returns the event.
+
+        :raise JobTimeoutError: no such event within ``timeout`` seconds.
+        """
+        def matches(ev: dict[str, Any]) -> bool:
+            if ev["event"] != name:
+                return False
+            if match is None:
+                return True
+            if callable(match):
+                return bool(match(ev))
+            data = ev.get("data", {})
+            return all(data.get(k) == v for k, v in match.items())
+
+        found: list[dict[str, Any]] = []
+
+        def seen(state: JobState) -> bool:
+            found[:] = [e for e in state.events[since:] if matches(e)][:1]
+            return bool(found)
+
+        await self._wait(seen, f"send {name}", timeout)
+        return found[0]
+
     # -- control --------------------------------------------------------------------
 
+    async def _command(self, command: str, args: Mapping[str, Any]) -> Any:
+        """Run a command, then apply the events QEMU sent before its reply."""
+        result = await self.client.execute(command, args)
+        async with self._changed:
+            if self._drain():
+                self._changed.notify_all()
+        return result
+
     async def _run(self, command: str, args: Mapping[str, Any] | None = None) -> Any:
-        return await self.client.execute(command, {"id": self.job_id, **(args or {})})
+        return await self._command(command, {"id": self.job_id, **(args or {})})
 
     async def set_speed(self, speed: int) -> None:
         """Change the job's speed limit live (bytes/s; 0 = unlimited)."""
-        await self.client.execute("block-job-set-speed", {"device": self.job_id,
-                                                          "speed": speed})
+        await self._command("block-job-set-speed", {"device": self.job_id, "speed": speed})
 
     async def pause(self, *, timeout: float | None = 30.0) -> None:
         """Pause; with a timeout, wait until QEMU says ``paused`` (or ``standby``)."""
@@ -324,31 +423,46 @@ class Job:
         if timeout is not None:
             await self.wait_status("running", "ready", timeout=timeout)
 
-    async def complete(self, *, timeout: float | None = 60.0) -> JobEnd:
+    async def complete(self, *, timeout: float | None = 60.0) -> JobEnd | None:
         """Pivot to the target (``job-complete``) and wait until the job has ended.
+
+        With ``timeout=None`` it only sends the command and returns None: how
+        the job ends is then known only from its events.
 
         :raise QemuCommandError: QEMU refused (e.g. the job is not READY yet).
         """
         await self._run("job-complete")
         if timeout is None:
-            return JobEnd.COMPLETED
+            return None
         return await self.wait_done(timeout=timeout)
 
-    async def cancel(self, *, force: bool = True, timeout: float | None = 60.0) -> JobEnd:
-        """Cancel the job and wait until it has ended.
+    async def cancel(self, *, force: bool = True, timeout: float | None = 60.0) -> JobEnd | None:
+        """Cancel the job and wait until it has ended; returns how QEMU ended it.
 
         ``force=False`` on a READY mirror ends it with a point-in-time copy and
-        no pivot (``BLOCK_JOB_COMPLETED``); ``force=True`` abandons the copy.
+        no pivot (QEMU reports ``BLOCK_JOB_COMPLETED``: `JobEnd.COMPLETED`);
+        ``force=True`` abandons the copy (`JobEnd.CANCELLED`). With
+        ``timeout=None`` it only sends the command and returns None.
         """
-        await self.client.execute("block-job-cancel", {"device": self.job_id, "force": force})
+        await self._command("block-job-cancel", {"device": self.job_id, "force": force})
         if timeout is None:
-            return JobEnd.CANCELLED
+            return None
         return await self.wait_done(timeout=timeout)
 
     async def finalize(self) -> None:
+        """``job-finalize``, unless the job is already past ``pending``."""
+        async with self._changed:
+            self._drain()
+        if self.state.status in ("concluded", "null"):
+            return
         await self._run("job-finalize")
 
     async def dismiss(self) -> None:
+        """``job-dismiss``, unless QEMU has already forgotten the job."""
+        async with self._changed:
+            self._drain()
+        if self.state.status == "null":
+            return
         await self._run("job-dismiss")
 
     async def info(self) -> dict[str, Any] | None:

@@ -18,10 +18,10 @@ from typing import Any, Literal, Mapping
 from .client import Client
 from .errors import ArgumentError
 from .job import Job
-from .names import check_job_id, check_new_node_name, check_node_ref
+from .names import check_job_id, check_new_node_name, check_node_ref, default_job_id
 from .units import format_size, parse_rate, parse_size
 
-__all__ = ["mirror_arguments", "start_mirror", "MirrorJob", "SYNC_MODES", "ON_ERROR",
+__all__ = ["mirror_arguments", "start_mirror", "start_drive_mirror", "MirrorJob", "SYNC_MODES", "ON_ERROR",
            "COPY_MODES", "GRANULARITY_MIN", "GRANULARITY_MAX", "QEMU_DEFAULTS"]
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,20 @@ QEMU_DEFAULTS: dict[str, Any] = {
     "auto-finalize": True,
     "auto-dismiss": True,
 }
+
+#: QEMU keeps speed as an int64 of bytes/s.
+SPEED_MAX = (1 << 63) - 1
+
+
+def buf_size_max() -> int:
+    """The largest buf-size worth asking for: the host's physical memory (QEMU
+    has no cap of its own and allocates up to the whole buffer)."""
+    import os
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 40
+
 
 SyncMode = Literal["full", "top", "none"]
 OnError = Literal["report", "ignore", "enospc", "stop"]
@@ -86,15 +100,17 @@ def mirror_arguments(*, device: str, target: str, job_id: str | None = None,
     """Validate mirror settings and return the exact ``blockdev-mirror`` arguments.
 
     Sizes take ``"64K"``, ``"16MiB"`` or bytes; ``speed`` is bytes/s (0 =
-    unlimited). ``job_id`` defaults to ``device``, as in QEMU, but is always
-    sent so that the job's events can be told apart.
+    unlimited). ``job_id`` defaults to ``device``, as in QEMU (or, for a name
+    QEMU made itself such as ``#block177``, ``mirror-block177``), and is
+    always sent so that the job's events can be told apart.
 
     :raise ArgumentError: naming the first bad argument and its accepted range.
     """
     check_node_ref(device, argument="device")
     check_node_ref(target, argument="target")
     args: dict[str, Any] = {
-        "job-id": check_job_id(job_id if job_id is not None else device, argument="job_id"),
+        "job-id": check_job_id(job_id if job_id is not None else default_job_id(device),
+                               argument="job_id"),
         "device": device,
         "target": target,
         "sync": _choice(sync, SYNC_MODES, "sync"),
@@ -103,10 +119,18 @@ def mirror_arguments(*, device: str, target: str, job_id: str | None = None,
         raise ArgumentError("target", f"must differ from device; both are {device!r}")
     if speed is not None:
         args["speed"] = parse_rate(speed, name="speed")
+        if args["speed"] > SPEED_MAX:
+            raise ArgumentError("speed", f"must be in [0, {SPEED_MAX}] bytes/s (QEMU's "
+                                         f"limit); got {speed!r}")
     if granularity is not None:
         args["granularity"] = check_granularity(granularity)
     if buf_size is not None:
         args["buf-size"] = parse_size(buf_size, name="buf_size")
+        limit = buf_size_max()
+        if args["buf-size"] > limit:
+            raise ArgumentError("buf_size", f"must be in [0, {format_size(limit)}] (the host's "
+                                            f"memory: QEMU allocates the buffer); got "
+                                            f"{buf_size!r}")
     if replaces is not None:
         args["replaces"] = check_node_ref(replaces, argument="replaces")
     if on_source_error is not None:
@@ -180,14 +204,41 @@ async def start_mirror(client: Client, *, device: str, target: str,
     args = mirror_arguments(device=device, target=target, **options)
     if check_sizes:
         await check_target_size(client, device, target)
+    return await _watched(client, "blockdev-mirror", args)
+
+
+async def _watched(client: Client, command: str, args: dict[str, Any]) -> MirrorJob:
     job = MirrorJob.watch(client, args["job-id"], arguments=args,
                           auto_finalize=args.get("auto-finalize", True),
                           auto_dismiss=args.get("auto-dismiss", True))
     job.started()
     try:
-        await client.execute("blockdev-mirror", args)
+        await client.execute(command, args)
     except BaseException:
         await job.abandon()
         raise
-    log.info("mirror %s started: %s", args["job-id"], args)
+    log.info("%s %s started: %s", command, args["job-id"], args)
     return job
+
+
+async def start_drive_mirror(client: Client, *, device: str, target_path: str, fmt: str,
+                             node_name: str, **options: Any) -> MirrorJob:
+    """``drive-mirror`` with ``mode=absolute-paths``: QEMU creates the target
+    image and, at the pivot, makes the source its backing node (``sync=none``)
+    or the source's backing node (``sync=top``). ``blockdev-mirror`` cannot do
+    that for ``sync=none``: a target whose backing is the source would make
+    the source a non-root node, which ``blockdev-mirror`` refuses.
+
+    ``options`` are those of `mirror_arguments`, without ``filter_node_name``
+    (drive-mirror has none).
+
+    :raise ArgumentError: a bad argument.
+    :raise QemuCommandError: QEMU refused.
+    """
+    if options.get("filter_node_name") is not None:
+        raise ArgumentError("filter_node_name", "drive-mirror (used to create a sync=none "
+                                                "target) has no filter-node-name")
+    args = mirror_arguments(device=device, target=node_name, **options)
+    args.update(target=target_path, format=fmt, mode="absolute-paths",
+                **{"node-name": check_new_node_name(node_name, argument="target_node_name")})
+    return await _watched(client, "drive-mirror", args)

@@ -11,16 +11,20 @@ Sources and targets as QEMU block nodes, added with ``blockdev-add``.
 `BlockGraph.add_overlay`    a qcow2 overlay over a backing node (sync=top/none)
 `BlockGraph.add_blkdebug`   a node that injects I/O errors (``blkdebug``)
 `BlockGraph.add_nbd`        a remote NBD export as a node
+`BlockGraph.add_quorum`     a ``quorum`` node over children (``replaces`` tests)
 ==========================  ==================================================
 
 and exports a node over NBD (`BlockGraph.export_nbd`), the way fio writes
-into a source like a guest would.
+into a source like a guest would. An export always attaches to the top of the
+node's job-filter chain: from QEMU 8.2 the mirror's dirty bitmap lives on its
+filter node, and a writer attached *under* the filter would never be copied.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +33,7 @@ from typing import Any, Literal
 from .client import Client
 from .errors import ArgumentError, QemuCommandError
 from .images import FORMATS, create_image
-from .names import NODE_NAME_MAX, check_new_node_name, check_node_ref
+from .names import NODE_NAME_MAX, check_new_node_name, check_node_ref, derived_name
 from .units import parse_rate, parse_size
 
 __all__ = ["BlockGraph", "NodeInfo", "ERRNO", "parse_nbd_uri", "graph_children"]
@@ -38,6 +42,11 @@ log = logging.getLogger(__name__)
 
 #: errno values blkdebug can inject, by name.
 ERRNO = {"EIO": 5, "ENOSPC": 28, "EPERM": 1, "EROFS": 30}
+#: the implicit filters that block jobs insert above their source: a new parent
+#: of the source must attach above them, or its writes bypass the job.
+JOB_FILTERS = frozenset({"mirror_top", "commit_top", "copy-before-write"})
+BLKDEBUG_EVENTS = ("read_aio", "write_aio", "flush_to_disk", "none")
+DISCARD = ("ignore", "unmap")
 _FILE_SUFFIX = "-file"
 
 
@@ -146,11 +155,14 @@ class BlockGraph:
                        fmt: str = "raw", read_only: bool = False,
                        aio: Literal["threads", "native", "io_uring"] | None = None,
                        cache_direct: bool = False,
-                       backing: str | None | Literal[False] = False) -> str:
+                       backing: str | None | Literal[False] = False,
+                       discard: Literal["ignore", "unmap"] | None = None) -> str:
         """Open an existing image as ``node_name`` (format node over ``NAME-file``).
 
         :param backing: for qcow2, the node to use as backing (``None`` means
             no backing); by default QEMU opens the backing file the image names.
+        :param discard: ``unmap`` passes discards down to the file (QEMU's default
+            is ``ignore``).
         """
         self._check_stacked_name(node_name)
         if fmt not in FORMATS:
@@ -166,6 +178,11 @@ class BlockGraph:
             proto["cache"] = {"direct": True}
         opts: dict[str, Any] = {"driver": fmt, "node-name": node_name, "file": proto,
                                 "read-only": read_only}
+        if discard is not None:
+            if discard not in DISCARD:
+                raise ArgumentError("discard", f"must be one of {', '.join(DISCARD)}; "
+                                               f"got {discard!r}")
+            opts["discard"] = proto["discard"] = discard
         if backing is not False:
             if fmt != "qcow2":
                 raise ArgumentError("backing", "only qcow2 nodes have a backing node")
@@ -176,12 +193,13 @@ class BlockGraph:
                         fill: int | Literal["mixed"] | None = None,
                         path: os.PathLike[str] | str | None = None,
                         aio: Literal["threads", "native", "io_uring"] | None = None,
-                        cluster_size: int | str | None = None) -> str:
+                        cluster_size: int | str | None = None,
+                        discard: Literal["ignore", "unmap"] | None = None) -> str:
         """Create an image file (in the workdir unless ``path``) and add it as a node."""
         self._check_stacked_name(node_name)
         path = Path(path) if path is not None else self.workdir / f"{node_name}.{fmt}"
         await create_image(path, size, fmt=fmt, fill=fill, cluster_size=cluster_size)
-        return await self.add_file(node_name, path, fmt=fmt, aio=aio)
+        return await self.add_file(node_name, path, fmt=fmt, aio=aio, discard=discard)
 
     async def add_throttled(self, node_name: str, child: str, *, bps_write: int | str,
                             bps_read: int | str | None = None) -> str:
@@ -237,7 +255,9 @@ class BlockGraph:
                            fill: int | Literal["mixed"] | None = None,
                            errno: int | str = "ENOSPC",
                            io: Literal["write", "read", "flush"] = "write",
-                           once: bool = False, sector: int | None = None) -> str:
+                           once: bool = False, sector: int | None = None,
+                           rules: list[dict[str, Any]] | None = None,
+                           set_state: list[dict[str, Any]] | None = None) -> str:
         """An image node whose I/O fails: ``fmt`` over ``blkdebug`` over the file.
 
         Give an existing image ``path``, or a ``size`` to create one (in the
@@ -248,6 +268,13 @@ class BlockGraph:
         :param io: which requests fail: ``write``, ``read`` or ``flush``.
         :param once: fail only the first matching request; later ones succeed.
         :param sector: fail only requests touching this 512-byte sector.
+        :param rules: instead of the single rule above, blkdebug's own
+            ``inject-error`` rules: dicts with ``event`` (``read_aio``,
+            ``write_aio``, ``flush_to_disk`` or ``none``), ``errno`` (number or
+            name), and optionally ``once``, ``state``, ``sector``, ``iotype``,
+            ``immediately``.
+        :param set_state: blkdebug's ``set-state`` rules (``event``, ``state``,
+            ``new_state``), for faults that start after some event.
         """
         self._check_stacked_name(node_name)
         if isinstance(errno, str):
@@ -271,12 +298,112 @@ class BlockGraph:
                                 "once": once, "immediately": True}
         if sector is not None:
             rule["sector"] = sector
+        inject = [rule] if rules is None else [self._blkdebug_rule(r) for r in rules]
+        dbg: dict[str, Any] = {"driver": "blkdebug", "node-name": node_name + "-dbg",
+                               "inject-error": inject}
+        if set_state:
+            for r in set_state:
+                if r.get("event") not in BLKDEBUG_EVENTS or "new_state" not in r:
+                    raise ArgumentError("set_state", f"each rule needs an event in "
+                                                     f"{', '.join(BLKDEBUG_EVENTS)} and a "
+                                                     f"new_state; got {r!r}")
+            dbg["set-state"] = [{k.replace("_", "-"): v for k, v in r.items()}
+                                for r in set_state]
         return await self.add({
             "driver": fmt, "node-name": node_name,
-            "file": {"driver": "blkdebug", "node-name": node_name + "-dbg",
-                     "inject-error": [rule],
+            "file": {**dbg,
                      "image": {"driver": "file", "filename": str(path.resolve()),
                                "node-name": node_name + _FILE_SUFFIX}}})
+
+    @staticmethod
+    def _blkdebug_rule(rule: dict[str, Any]) -> dict[str, Any]:
+        r = dict(rule)
+        if r.get("event") not in BLKDEBUG_EVENTS:
+            raise ArgumentError("rules", f"event must be one of {', '.join(BLKDEBUG_EVENTS)}; "
+                                         f"got {r.get('event')!r}")
+        err = r.get("errno", "EIO")
+        if isinstance(err, str):
+            if err.upper() not in ERRNO:
+                raise ArgumentError("rules", f"errno must be a number or one of "
+                                             f"{', '.join(ERRNO)}; got {err!r}")
+            err = ERRNO[err.upper()]
+        r["errno"] = err
+        return r
+
+    async def add_quorum(self, node_name: str, children: list[str], *,
+                         vote_threshold: int) -> str:
+        """A ``quorum`` node over existing ``children`` (node names): reads are
+        voted on, writes go to all. A mirror with ``replaces`` can repair a child."""
+        check_new_node_name(node_name, argument="node_name")
+        if not children:
+            raise ArgumentError("children", "give at least one child node")
+        for c in children:
+            check_node_ref(c, argument="children")
+        if isinstance(vote_threshold, bool) or not isinstance(vote_threshold, int) \
+                or not 1 <= vote_threshold <= len(children):
+            raise ArgumentError("vote_threshold", f"must be an integer in [1, {len(children)}] "
+                                                  f"(the number of children); got "
+                                                  f"{vote_threshold!r}")
+        return await self.add({"driver": "quorum", "node-name": node_name,
+                               "vote-threshold": vote_threshold, "children": list(children)})
+
+    async def resize(self, node_name: str, size: int | str) -> None:
+        """``block_resize`` a node (or device) to ``size`` bytes."""
+        check_node_ref(node_name, argument="node_name")
+        nbytes = parse_size(size, name="size")
+        if nbytes < 0:
+            raise ArgumentError("size", f"must be >= 0; got {size!r}")
+        info = await self.node(node_name)
+        await self.client.execute("block_resize", {"node-name": info.node_name, "size": nbytes})
+
+    async def top_of(self, node_name: str) -> str:
+        """The node a new parent of ``node_name`` must attach to: the top of the
+        chain of job filters (a mirror's ``mirror_top``...) over it, or the node
+        itself. Writes attached below a mirror's filter are never copied on QEMU
+        >= 8.2, where the job's dirty bitmap lives on the filter.
+
+        :raise ArgumentError: this QEMU cannot show its block graph, and a job
+            filter may sit over the node (a running block job).
+        """
+        node = (await self.node(node_name)).node_name
+        drivers = {n.node_name: n.driver for n in await self.nodes()}
+        try:
+            graph = await self.client.execute("x-debug-query-block-graph")
+        except QemuCommandError:
+            if any(d in JOB_FILTERS for d in drivers.values()):
+                raise ArgumentError("node", f"cannot tell whether a block job's filter sits "
+                                            f"over {node!r} (this QEMU has no "
+                                            f"x-debug-query-block-graph); attach to it "
+                                            f"before the job starts") from None
+            return node
+        by_id = {n["id"]: n for n in graph["nodes"]}
+        current = node
+        seen = {current}
+        while True:
+            ids = {i for i, n in by_id.items() if n["type"] == "block-driver"
+                   and n["name"] == current}
+            parents = [by_id[e["parent"]]["name"] for e in graph["edges"]
+                       if e["child"] in ids and by_id[e["parent"]]["type"] == "block-driver"
+                       and drivers.get(by_id[e["parent"]]["name"]) in JOB_FILTERS]
+            if not parents or parents[0] in seen:
+                return current
+            current = parents[0]
+            seen.add(current)
+
+    async def export_node_of(self, export_id: str) -> str | None:
+        """The node an export serves now (after a pivot it is the new node), or
+        None when there is no such export."""
+        for e in await self.client.execute("query-block-exports"):
+            if e["id"] == export_id:
+                return e["node-name"]
+        return None
+
+    async def free_name(self, prefix: str, base: str, *, reserve: int = len("-file")) -> str:
+        """A new node name ``PREFIX-BASE`` that no node uses (nor its ``-file``
+        child would), short enough for QEMU."""
+        taken = {n.node_name for n in await self.nodes()}
+        taken |= {n[:-len(_FILE_SUFFIX)] for n in taken if n.endswith(_FILE_SUFFIX)}
+        return derived_name(prefix, base, taken, limit=NODE_NAME_MAX - reserve)
 
     async def add_nbd(self, node_name: str, uri: str) -> str:
         """A remote NBD export as a node (``nbd://host:port/export`` or
@@ -314,12 +441,18 @@ class BlockGraph:
 
     async def export_nbd(self, node_name: str, *, export: str | None = None,
                          writable: bool = True) -> str:
-        """Export ``node_name`` over NBD; returns its ``nbd+unix://`` URI (for fio)."""
+        """Export ``node_name`` over NBD; returns its ``nbd+unix://`` URI (for fio).
+
+        The export attaches to the top of the node's job filters (`top_of`), so
+        its writes pass through a running mirror and are copied, whenever the
+        export is made. Its id is ``exp-EXPORT``.
+        """
         check_node_ref(node_name, argument="node_name")
-        name = export or node_name
+        name = export or re.sub(r"[^A-Za-z0-9_.-]", "", node_name) or "export"
+        top = await self.top_of(node_name)
         sock = await self.nbd_socket()
         await self.client.execute("block-export-add", {
-            "type": "nbd", "id": f"exp-{name}", "node-name": node_name, "name": name,
+            "type": "nbd", "id": f"exp-{name}", "node-name": top, "name": name,
             "writable": writable})
         return f"nbd+unix:///{urllib.parse.quote(name)}?socket={sock}"
 

@@ -64,7 +64,7 @@ class Recording:
     def events(self) -> list[dict[str, Any]]:
         """The job's QMP events, each with ``t_s`` since the job started."""
         out = []
-        for ev in self.job.state.events:
+        for ev in self.job.state.all_events():
             out.append({"t_s": round(ev.get("received", self.started_at) - self.started_at, 6),
                         "event": ev["event"], "data": ev.get("data", {}),
                         "timestamp": ev.get("timestamp")})

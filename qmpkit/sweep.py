@@ -34,7 +34,7 @@ from .errors import ArgumentError, QmpkitError
 from .experiment import Setup, hopeless, measure_offline_copy, run_experiment
 from .images import create_image
 from .mirror import COPY_MODES, check_granularity
-from .trace import Trace
+from .trace import Trace, write_atomic
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import FioLoad
 
@@ -127,8 +127,10 @@ def _row(cfg: Config, rep: int, trace: Trace, folder: Path) -> dict[str, Any]:
         "config": cfg.key(), "label": cfg.label(), "repeat": rep,
         "granularity": cfg.granularity, "buf_size": cfg.buf_size,
         "copy_mode": cfg.copy_mode or "background", "speed": cfg.speed,
-        "converged": bool(s.get("converged")),
+        "converged": bool(s.get("converged")) and not s.get("error"),
         "failed": bool(s.get("error")),
+        "outcome": ("failed" if s.get("error") else
+                    "converged" if s.get("converged") else "not converged"),
         "early_stopped": bool(s.get("early_stopped")),
         "time_to_ready_s": s.get("time_to_ready_s"),
         "time_to_complete_s": completed_t if s.get("converged") else None,
@@ -159,27 +161,37 @@ async def run_sweep(out: os.PathLike[str] | str, *, configs: Sequence[Config],
                     load: FioLoad | None = FioLoad(), time_limit: float = 60.0,
                     seed: int = 0, early_stop: bool = False, hz: float = 10.0,
                     latency_budget_us: float | None = None,
-                    progress: Callable[[int, int, str, float | None], None] | None = None
-                    ) -> dict[str, Any]:
+                    progress: Callable[[int, int, str, float | None], None] | None = None,
+                    fresh: bool = False) -> dict[str, Any]:
     """Run the sweep into ``out``; returns ``{"results": DataFrame, "summary": DataFrame,
-    "recommendation": dict}``. Finished runs found in ``out`` are not run again.
+    "recommendation": dict}``. Finished runs found in ``out`` are not run again, but
+    only when ``out`` was made with exactly these settings; failed runs are redone.
 
     :param progress: called as ``progress(k, n, label, eta_s)`` before run k of n.
+    :param fresh: discard a previous sweep in ``out`` (its runs and results).
+    :raise ArgumentError: ``out`` holds a sweep with other settings (the message
+        lists the differences), and ``fresh`` was not given.
     """
     if repeat < 1:
         raise ArgumentError("repeat", f"must be >= 1, got {repeat!r}")
     out = Path(out)
-    runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_runs(configs, repeat, seed)
-    (out / "sweep.json").write_text(json.dumps({
+    settings = {
         "seed": seed, "repeat": repeat, "time_limit_s": time_limit, "early_stop": early_stop,
+        "hz": hz,
         "setup": {"size": setup.size, "format": setup.fmt,
                   "target_speed_bps": setup.target_speed,
                   "remote_target": setup.remote_target},
         "workload": load.to_dict() if load else None,
-        "configs": [asdict(c) for c in configs], "order": [p[0] for p in plan]},
-        indent=2) + "\n")
+        "configs": [asdict(c) for c in configs]}
+    if fresh:
+        _discard(out)
+    else:
+        _check_resume(out, settings)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "sweep.json", json.dumps({**settings, "order": [p[0] for p in plan]},
+                                                indent=2) + "\n")
     give_up = hopeless() if early_stop else None
     durations: list[float] = []
     todo = [p for p in plan if not _finished(runs_dir / p[0])]
@@ -201,6 +213,7 @@ async def run_sweep(out: os.PathLike[str] | str, *, configs: Sequence[Config],
             except QmpkitError as exc:
                 # One failed run (QEMU crashed, fio failed...) is a result, not the end
                 # of the sweep: its trace and error are kept, and the row says so.
+                # It is not marked finished, so a resumed sweep runs it again.
                 log.warning("run %s failed: %s", name, exc)
                 if progress:
                     progress(len(plan) - len(todo) + k, len(plan), f"FAILED: {exc}", None)
@@ -217,8 +230,73 @@ async def run_sweep(out: os.PathLike[str] | str, *, configs: Sequence[Config],
     return {"results": results, "summary": summary, "recommendation": rec}
 
 
+#: what a sweep writes into its folder (and ``fresh`` removes)
+_SWEEP_FILES = ("sweep.json", "results.csv", "summary.csv", "recommendation.json")
+
+
+def _check_resume(out: Path, settings: dict[str, Any]) -> None:
+    old_path = out / "sweep.json"
+    if not old_path.exists():
+        return
+    try:
+        old = json.loads(old_path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        raise ArgumentError("out", f"{str(out)!r} holds a damaged sweep.json ({exc}); "
+                                   "use --fresh to start over") from None
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    new, was = flat(settings), flat({k: old.get(k) for k in settings})
+    diffs = [f"{k}: was {was.get(k)!r}, now {v!r}" for k, v in new.items() if was.get(k) != v]
+    if diffs:
+        raise ArgumentError("out", f"{str(out)!r} holds a sweep with other settings; use "
+                                   "--fresh to discard it, or another --out (" +
+                                   "; ".join(diffs) + ")")
+
+
+def _discard(out: Path) -> None:
+    import shutil
+    if (out / "runs").is_dir():
+        shutil.rmtree(out / "runs")
+    for name in _SWEEP_FILES:
+        (out / name).unlink(missing_ok=True)
+    for png in out.glob("heatmap_*.png"):
+        png.unlink()
+
+
 def _finished(folder: Path) -> bool:
-    return (folder / ".done").exists()
+    """A run counts as done when it finished without failing, and its trace loads.
+    A failed or damaged run is redone (with a warning for a damaged one)."""
+    if not (folder / ".done").exists():
+        return False
+    if (folder / "offline.json").exists():
+        return True
+    try:
+        trace = Trace.load(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("run %s is damaged (%s): running it again", folder.name, exc)
+        (folder / ".done").unlink(missing_ok=True)
+        return False
+    return not trace.summary.get("error")
+
+
+def _has_result(folder: Path) -> bool:
+    """A run that ended (converged, not, or failed) and left a loadable trace."""
+    if not (folder / ".done").exists():
+        return False
+    try:
+        Trace.load(folder)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def _mark_finished(folder: Path) -> None:
@@ -247,7 +325,7 @@ def collect(out: Path, configs: Sequence[Config], repeat: int) -> Any:
     for cfg in configs:
         for rep in range(repeat):
             folder = out / "runs" / f"{cfg.key()}_r{rep}"
-            if _finished(folder):
+            if _has_result(folder):
                 row = _row(cfg, rep, Trace.load(folder), folder)
                 row["offline_copy_bps"] = base
                 row["throughput_fraction"] = (row["mean_throughput_bps"] / base
@@ -276,10 +354,13 @@ def aggregate(results: Any) -> Any:
                                "converged_runs": int(g["converged"].sum()),
                                "early_stopped_runs": int(g["early_stopped"].sum()),
                                "failed_runs": int(g["failed"].sum())}
+        # three outcomes, kept apart: converged, not converged (censored), failed
+        row["not_converged_runs"] = row["runs"] - row["converged_runs"] - row["failed_runs"]
+        ok = g[~g["failed"].astype(bool)]        # a failed run measures nothing
         for metric in ("time_to_ready_s", "time_to_complete_s", "amplification",
                        "mean_throughput_bps", "throughput_fraction", "peak_dirty_bytes",
                        "guest_p99_us", "guest_p50_us", "guest_iops", "dirty_left_bytes"):
-            mean, sd = _mean_sd(list(g[metric]))
+            mean, sd = _mean_sd(list(ok[metric]))
             row[metric], row[metric + "_sd"] = mean, sd
         rows.append(row)
     return pd.DataFrame(rows)
@@ -329,6 +410,11 @@ def recommend(summary: Any, *, latency_budget_us: float | None = None,
                            "defaults": describe(defaults),
                            "latency_budget_us": latency_budget_us, "reasons": reasons,
                            "confidence": None}
+    for r in rows:
+        if r["failed_runs"]:
+            reasons.append(f"{r['label']}: {r['failed_runs']} of {r['runs']} run(s) failed "
+                           "(see results.csv, column error); failed runs count neither as "
+                           "converged nor as not converged")
     if best is None:
         return rec
     rec.update(granularity=int(best["granularity"] or default_granularity(fmt)),
@@ -344,8 +430,11 @@ def recommend(summary: Any, *, latency_budget_us: float | None = None,
     if defaults is not None and defaults is not best:
         if defaults["converged_runs"] < defaults["runs"]:
             left = defaults["dirty_left_bytes"]
+            failed = int(defaults.get("failed_runs") or 0)
             reasons.append(f"QEMU's defaults reached READY in only {defaults['converged_runs']} "
                            f"of {defaults['runs']} run(s) on the same load"
+                           + (f" ({failed} failed, not counted as not converged)"
+                              if failed else "")
                            + (f", leaving {format_size(left)} dirty" if left else ""))
         else:
             reasons.append(f"QEMU's defaults reached READY after "
@@ -353,10 +442,6 @@ def recommend(summary: Any, *, latency_budget_us: float | None = None,
                            f"({defaults['time_to_ready_s'] / t:.1f}x as long)")
     elif best is defaults:
         reasons.append("QEMU's defaults are the best choice on this load")
-    for r in rows:
-        if r["failed_runs"]:
-            reasons.append(f"{r['label']}: {r['failed_runs']} of {r['runs']} run(s) failed "
-                           "(see results.csv, column error)")
     rel = sd / t if t else 0.0
     rec["confidence"] = ("high" if best["runs"] >= 3 and rel < 0.1 else
                          "medium" if best["runs"] >= 2 and rel < 0.25 else "low")
@@ -398,9 +483,13 @@ def heatmaps(summary: Any, out: Path) -> list[Path]:
                     v = v / 1000.0
                 converged = r["converged_runs"] == r["runs"]
                 if metric == "time_to_ready_s" and not converged:
-                    marks[i][j] = f"not READY\n{r['converged_runs']}/{r['runs']}"
-                    if r.get("failed_runs"):
-                        marks[i][j] += f"\n{r['failed_runs']} failed"
+                    failed = int(r.get("failed_runs") or 0)
+                    if failed == r["runs"]:
+                        marks[i][j] = f"FAILED\n{failed}/{r['runs']}"
+                    else:
+                        marks[i][j] = f"not READY\n{r['converged_runs']}/{r['runs']}"
+                        if failed:
+                            marks[i][j] += f"\n{failed} failed"
                     v = None
                 grid_v[i][j] = math.nan if v is None else v
                 if v is not None:

@@ -14,15 +14,17 @@ Plots and widgets read traces; they never talk to QEMU.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["Sample", "Trace", "TRACE_FILES"]
+__all__ = ["Sample", "Trace", "TRACE_FILES", "prepare_out_dir", "write_atomic"]
 
 TRACE_FILES = ("trace.csv", "events.jsonl", "summary.json")
 
@@ -69,6 +71,41 @@ def _parse(name: str, text: str) -> Any:
     if name in ("t_s", "throughput_bps"):
         return float(text)
     return text
+
+
+def prepare_out_dir(path: os.PathLike[str] | str, *, option: str = "--out") -> Path:
+    """Make sure ``path`` is a folder qmpkit can write, creating it if needed:
+    called before anything starts, so a run never ends unable to save.
+
+    :raise ArgumentError: naming ``option``, with the reason.
+    """
+    from .errors import ArgumentError
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise NotADirectoryError(f"{folder} is not a folder")
+        fd, probe = tempfile.mkstemp(prefix=".qmpkit-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ArgumentError(option, f"cannot write to {str(folder)!r}: {why}") from None
+    return folder
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fresh temp file in the same folder
+    (``O_EXCL``, never a predictable name a symlink could sit on), then rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _dump_json(obj: Any) -> str:
@@ -129,9 +166,7 @@ class Trace:
             files["fio_latency.csv"] = "t_s,write_lat_us\n" + "".join(
                 f"{t:.3f},{lat:.3f}\n" for t, lat in self.fio_latency)
         for name, text in files.items():
-            tmp = folder / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, folder / name)
+            write_atomic(folder / name, text)
         return folder
 
     @classmethod

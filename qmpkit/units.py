@@ -57,12 +57,18 @@ def parse_size(value: int | str, *, name: str = "size") -> int:
 
 def parse_rate(value: int | str, *, name: str = "speed") -> int:
     """Return a rate in bytes per second; accepts sizes with an optional ``/s``."""
+    text = value
     if isinstance(value, str):
         text = value.strip()
         if text.lower().endswith("/s"):
             text = text[:-2]
+    try:
         return parse_size(text, name=name)
-    return parse_size(value, name=name)
+    except ArgumentError as exc:
+        if "expected a size" in str(exc):
+            raise ArgumentError(name, f"expected a rate (bytes per second: {SIZE_FORMS}, "
+                                      f"optionally ending in /s), got {value!r}") from None
+        raise
 
 
 def format_size(n: float) -> str:

@@ -16,6 +16,7 @@ Panels read traces and call the package; they never build QMP themselves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import io
 import logging
@@ -27,8 +28,9 @@ import ipywidgets as W
 
 from . import plots
 from .errors import ArgumentError, QmpkitError
+from .lifecycle import MirrorRun
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, MirrorJob, mirror_arguments
-from .record import Recorder, Recording
+from .record import Recording
 from .session import Qemu
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import RW_MODES, FioLoad, FioResult, FioRunner
@@ -320,9 +322,7 @@ class MirrorPanel(_Panel):
                                         layout=W.Layout(width="520px"), continuous_update=False)
         self.speed_slider.observe(self._slider_moved, names="value")
         self.status = W.HTML("<b>status:</b> not started")
-        self.job: MirrorJob | None = None
-        self.recorder: Recorder | None = None
-        self.recording: Recording | None = None
+        self.run: MirrorRun | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.started_callbacks: list[Callable[[], Any]] = []   # e.g. a Dashboard's start
         for w in self._inputs():
@@ -338,6 +338,15 @@ class MirrorPanel(_Panel):
             W.HBox([self.start_button, self.pause_button, self.cancel_button,
                     self.complete_button]),
             self.speed_slider, self.status, self.out])
+
+    @property
+    def job(self) -> MirrorJob | None:
+        """The job of the current (or last) run."""
+        return self.run.job if self.run is not None else None
+
+    @property
+    def recording(self) -> Recording | None:
+        return self.run.recording if self.run is not None else None
 
     def _inputs(self) -> list[W.Widget]:
         return [self.device, self.target, self.job_id, self.sync, self.granularity,
@@ -382,18 +391,17 @@ class MirrorPanel(_Panel):
         if self.validate() is None:
             raise ArgumentError("settings", self.message.value)
         opts = self.options()
+        device, target = opts.pop("device"), opts.pop("target")
         self.start_button.disabled = True
+        run = MirrorRun(self.qemu, device=device, target=target, hz=self.hz, **opts)
+        run.on_event(self._on_event)
         try:
-            job = await self._guard(self.qemu.mirror(**opts))
-        except BaseException:
+            job = await self._guard(run.start())
+        except BaseException as exc:
+            await run.close(exc)
             self.start_button.disabled = False
             raise
-        self.job = job
-        size = (await self.qemu.nodes.node(opts["device"])).size
-        self.recorder = Recorder(self.qemu.client, hz=self.hz)
-        self.recording = self.recorder.add(job, meta={"disk_bytes": size})
-        self.recorder.start()
-        job.on_event(self._on_event)
+        self.run = run
         self._watcher = asyncio.ensure_future(self._watch())
         for callback in self.started_callbacks:
             callback()
@@ -431,26 +439,26 @@ class MirrorPanel(_Panel):
 
     async def cancel(self) -> None:
         """Cancel (a READY mirror ends with a point-in-time copy and no pivot)."""
-        assert self.job is not None, "start the mirror first"
-        await self._guard(self.job.cancel(force=not self.job.state.ready))
-        await self._finish()
+        assert self.run is not None, "start the mirror first"
+        try:
+            await self._guard(self.run.cancel())
+        finally:
+            await self._finish()
 
     async def complete(self) -> None:
         """Pivot to the target, wait until the job has ended, then (with ``verify``)
-        compare source and target. Stop the writer first: a source that changes
-        after the pivot no longer matches."""
-        assert self.job is not None, "start the mirror first"
-        await self._guard(self.job.complete())
-        await self._finish()
-        if self.verify_after:
-            try:
-                await self.qemu.verify(self.job.device, self.job.target)
-                self.verified = True
-            except ArgumentError as exc:        # not local images: nothing to compare
-                self.say(f"not verified: {exc}")
-            except QmpkitError as exc:
-                self.verified = False
-                self.say(f"NOT verified: {exc}", error=True)
+        compare source and target while checking that nothing writes to them:
+        with a writer still running the panel says "cannot verify", never a
+        false mismatch."""
+        assert self.run is not None, "start the mirror first"
+        try:
+            await self._guard(self.run.complete(verify=self.verify_after))
+        finally:
+            await self._finish()
+        v = self.run.verification
+        if v is not None:
+            self.verified = v.ok
+            self.say(str(v), error=v.ok is False)
             self._update_status()
 
     async def set_speed(self, mib_per_s: int) -> None:
@@ -463,11 +471,10 @@ class MirrorPanel(_Panel):
             self.last_task = self._spawn(self.set_speed(change["new"]))
 
     async def _finish(self) -> None:
-        if self.recorder is not None:
-            try:
-                await self.recorder.stop()
-            except QmpkitError as exc:
-                self.say(f"recording stopped early: {exc}", error=True)
+        if self.run is not None:
+            await self.run.close()
+            if self.run.cleanup_errors:
+                self.say("; ".join(self.run.cleanup_errors), error=True)
         if self._watcher is not None:
             self._watcher.cancel()
         self._update_status()
@@ -490,16 +497,19 @@ class MirrorPanel(_Panel):
         if st.end is not None:
             parts = [f"job {self.job.job_id} ended: {st.end.value}" +
                      (f" ({st.error})" if st.error else "")]
-            if self.verified is not None:
-                parts.append("verified: target matches source" if self.verified
+            v = self.run.verification if self.run is not None else None
+            if v is not None:
+                parts.append(str(v) if v.ok is not False
                              else "NOT verified: target differs from source")
         else:
             parts = [f"job {self.job.job_id}: {st.status or 'starting'}"]
             if self.recording is not None:
                 parts.append(self.recording.forecast().text)
-        if st.errors:
-            e = st.errors[-1]
-            parts.append(f"last error: {e.get('operation')} error, action {e.get('action')}")
+        if st.recent_errors:
+            e = st.recent_errors[-1]
+            many = f" ({st.error_count} errors)" if st.error_count > 1 else ""
+            parts.append(f"last error: {e.get('operation')} error, action {e.get('action')}"
+                         f"{many}")
         return " | ".join(parts)
 
     def _update_status(self) -> None:
@@ -623,6 +633,9 @@ class SweepPanel(_Panel):
         self.out_dir = _text("folder", out)
         self.seed = seed
         self.run_button = self._button("Run sweep", self.run, button_style="primary")
+        self.stop_button = self._button("Stop", self.stop, disabled=True,
+                                        button_style="warning")
+        self._sweep_task: asyncio.Task[Any] | None = None
         self.bar = W.IntProgress(value=0, min=0, max=1, description="runs", style=_DESC)
         self.progress_text = W.Label()
         self.recommendation = W.HTML()
@@ -633,7 +646,7 @@ class SweepPanel(_Panel):
             W.HBox([self.granularity, self.buf_size, self.copy_mode]),
             W.HBox([self.repeat, self.size, self.target_speed]),
             W.HBox([self.load_rate, self.time_limit, self.budget]),
-            W.HBox([self.early_stop, self.out_dir]), self.run_button,
+            W.HBox([self.early_stop, self.out_dir]), W.HBox([self.run_button, self.stop_button]),
             W.HBox([self.bar, self.progress_text]), self.message, self.recommendation,
             self.heatmap, self.out])
 
@@ -662,19 +675,36 @@ class SweepPanel(_Panel):
             self.progress_text.value = f"run {k} of {n}{eta_text}: {label}"
 
         self.run_button.disabled = True
+        self.stop_button.disabled = False
+        self._sweep_task = asyncio.current_task()
         try:
             self.result = await run_sweep(
                 self.out_dir.value, configs=configs, repeat=self.repeat.value, setup=setup,
                 load=load, time_limit=self.time_limit.value, seed=self.seed,
                 early_stop=self.early_stop.value, progress=progress,
                 latency_budget_us=self.budget.value * 1000.0)
+        except asyncio.CancelledError:
+            self.progress_text.value = "stopped: the current run was cancelled cleanly; " \
+                                       "Run sweep resumes where it stopped"
+            raise
         finally:
+            self._sweep_task = None
             self.run_button.disabled = False
+            self.stop_button.disabled = True
         self.bar.value = self.bar.max
         self.progress_text.value = "done"
         self.recommendation.value = recommendation_html(self.result["recommendation"])
         self.heatmap.value = (Path(self.out_dir.value) / "heatmap_time_to_ready_s.png").read_bytes()
         return self.result
+
+    async def stop(self) -> None:
+        """Stop the sweep: the current run's job is cancelled and its QEMU stopped by
+        qmpkit (never killed from outside), and the run is not recorded as done."""
+        task = self._sweep_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def traces(self, which: str) -> list[Any]:
         """The trace folders of the ``best`` (recommended) or ``worst`` (slowest or
@@ -686,10 +716,12 @@ class SweepPanel(_Panel):
         if which == "best":
             label = (self.result["recommendation"]["chosen"] or {}).get("label")
         else:
-            worst = summary.sort_values(["converged_runs", "time_to_ready_s"],
-                                        ascending=[True, False]).iloc[0]
+            # a failed run (QEMU crashed...) is not a slow run: never the "worst"
+            measured = summary[summary["failed_runs"] < summary["runs"]]
+            worst = measured.sort_values(["converged_runs", "time_to_ready_s"],
+                                         ascending=[True, False]).iloc[0]
             label = worst["label"]
-        folders = res[res["label"] == label]["folder"]
+        folders = res[(res["label"] == label) & (res["outcome"] != "failed")]["folder"]
         return [Trace.load(Path(self.out_dir.value) / "runs" / f) for f in folders]
 
 

@@ -22,12 +22,13 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .daemon import die_with_parent
+from .process import die_with_parent
 from .errors import ArgumentError, ToolError
 from .units import format_rate, format_size, parse_rate, parse_size
 
@@ -172,10 +173,13 @@ async def verify_image(path: os.PathLike[str] | str, load: FioLoad) -> None:
     from .images import run_tool
     if not load.verify or load.io_size is None:
         raise ArgumentError("load", "needs verify=True and an io_size to be checked")
-    argv = ["fio", "--name=guest", "--ioengine=psync", f"--filename={os.fspath(path)}",
+    path = os.path.abspath(path)
+    argv = ["fio", "--name=guest", "--ioengine=psync", f"--filename={path}",
             *load._pattern_args(), "--verify_only", "--do_verify=1", "--thread",
             "--output-format=normal"]
-    code, out = await run_tool(argv, ok_codes=(0, 1, 2))
+    # fio leaves a verify state file in its working directory: a private one.
+    with tempfile.TemporaryDirectory(prefix="qmpkit-fio-") as tmp:
+        code, out = await run_tool(argv, ok_codes=(0, 1, 2), cwd=tmp)
     if code != 0 or "verify: bad" in out or "bad magic" in out:
         raise VerifyError(f"fio verify of {os.fspath(path)} failed: "
                           + "; ".join(l for l in out.splitlines() if "verify" in l)[:500])
@@ -219,7 +223,8 @@ class FioRunner:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT, cwd=self.workdir, preexec_fn=die_with_parent)
+                stderr=asyncio.subprocess.STDOUT, cwd=self.workdir, preexec_fn=die_with_parent,
+                start_new_session=True)
         except OSError as exc:
             raise ToolError(f"cannot run fio: {exc.strerror} (Debian: apt-get install fio)",
                             argv=self.argv, output="", returncode=None) from exc

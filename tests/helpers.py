@@ -53,3 +53,33 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+QMPKIT_BIN = os.path.join(os.path.dirname(__import__("sys").executable), "qmpkit")
+
+
+async def run_cli(*args: str, timeout: float = 120, env: dict | None = None
+                  ) -> tuple[int, str, str]:
+    """Run the ``qmpkit`` command as a user would; (exit code, stdout, stderr)."""
+    import asyncio
+    proc = await asyncio.create_subprocess_exec(
+        QMPKIT_BIN, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def qemu_io(*args: str) -> str:
+    """Run qemu-io (for guest-like writes through an NBD URI); its output."""
+    import asyncio
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()

@@ -143,7 +143,7 @@ def test_live_mirror_notebook_in_chromium(lab, tmp_path):
             expect(complete).to_be_enabled()
             complete.click()
             expect(status).to_contain_text("ended: completed", timeout=120_000)
-            expect(status).to_contain_text("verified: target matches source", timeout=120_000)
+            expect(status).to_contain_text("verified: source and target hold the same data", timeout=120_000)
             page.screenshot(path=shots / "4-completed.png", full_page=True)
             plot.scroll_into_view_if_needed()
             page.screenshot(path=shots / "dashboard.png")

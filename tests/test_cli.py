@@ -8,23 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_cli as run
+
 from qmpkit import compare_images
 
 MiB = 1 << 20
-QMPKIT = str(Path(sys.executable).parent / "qmpkit")
-
-
-async def run(*args: str, timeout: float = 120) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        QMPKIT, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        stdin=asyncio.subprocess.DEVNULL)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    return proc.returncode, out.decode(), err.decode()
 
 
 def qmp(qemu) -> str:
@@ -82,7 +70,7 @@ async def test_then_leave_exits_in_ready_with_the_job_running(src):
     (["--granularity", "128M"], "--granularity: must be a power of two in [512 B, 64 MiB]"),
     (["--buf-size", "-5"], "--buf-size: must be >= 0"),
     (["--speed", "-1"], "--speed: must be >= 0"),
-    (["--speed", "fast"], "--speed: expected a size"),
+    (["--speed", "fast"], "--speed: expected a rate"),
     (["--sync", "bitmap"], "argument --sync: invalid choice: 'bitmap'"),
     (["--on-target-error", "panic"], "argument --on-target-error: invalid choice"),
     (["--copy-mode", "x"], "argument --copy-mode: invalid choice"),

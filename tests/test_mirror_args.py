@@ -38,7 +38,7 @@ def test_zero_buf_size_and_speed_are_valid():
     ({"granularity": "-4K"}, "granularity", ">= 0"),
     ({"buf_size": -5}, "buf_size", ">= 0"),
     ({"speed": -1}, "speed", ">= 0"),
-    ({"speed": "fast"}, "speed", "expected a size"),
+    ({"speed": "fast"}, "speed", "expected a rate"),
     ({"sync": "incremental"}, "sync", "one of full, top, none"),
     ({"on_source_error": "auto"}, "on_source_error", "one of report, ignore, enospc, stop"),
     ({"on_target_error": "panic"}, "on_target_error", "one of report, ignore, enospc, stop"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pandas as pd
@@ -130,3 +131,79 @@ async def test_a_sweep_over_a_remote_nbd_target(tmp_path):
     meta = json.loads((tmp_path / "runs" / row["folder"] / "summary.json").read_text())["meta"]
     assert meta["setup"]["remote_target"] is True
     assert result["recommendation"]["granularity"] == 4096
+
+
+async def test_resume_only_with_the_same_settings(tmp_path):
+    """Issue #10.12: a sweep folder made with other settings is never relabelled."""
+    kwargs = dict(configs=grid(granularity=["4K"], buf_size=["1M"], with_defaults=False),
+                  repeat=1, setup=Setup(size="8M", target_speed="16M"), load=None,
+                  time_limit=15)
+    await run_sweep(tmp_path, **kwargs)
+    with pytest.raises(ArgumentError, match=r"other settings.*size: was .*8388608.*16777216"):
+        await run_sweep(tmp_path, **{**kwargs, "setup": Setup(size="16M", target_speed="16M")})
+    code, out, err = await run("sweep", "--granularity", "4K", "--buf-size", "1M",
+                               "--size", "16M", "--no-load", "--repeat", "1",
+                               "--out", str(tmp_path))
+    assert code == 2 and "--fresh" in err and "Traceback" not in err
+    calls = []
+    await run_sweep(tmp_path, **{**kwargs, "setup": Setup(size="16M", target_speed="16M")},
+                    fresh=True, progress=lambda *a: calls.append(a))
+    assert len(calls) == 2                            # everything ran again
+    meta = json.loads(next((tmp_path / "runs").glob("g-*/summary.json")).read_text())["meta"]
+    assert meta["disk_bytes"] == 16 * MiB
+
+
+def test_failed_runs_are_kept_apart_from_not_converged():
+    """Issue #10.13: three outcomes, everywhere."""
+    from qmpkit.cli import sweep_table
+    cfg = Config(granularity=65536, buf_size=MiB)
+    results = _results([(Config(), [None, None], 900.0), (cfg, [None, 8.0, 9.0], 900.0)])
+    results.loc[(results["config"] == cfg.key()) & (results["repeat"] == 0), "failed"] = True
+    results.loc[(results["config"] == cfg.key()) & (results["repeat"] == 0), "converged"] = False
+    summary = aggregate(results)
+    row = summary[summary["config"] == cfg.key()].iloc[0]
+    assert (row["converged_runs"], row["not_converged_runs"], row["failed_runs"]) == (2, 0, 1)
+    defaults = summary[summary["config"] == Config().key()].iloc[0]
+    assert (defaults["not_converged_runs"], defaults["failed_runs"]) == (2, 0)
+    assert "2/3 (1 failed)" in sweep_table(summary)
+    rec = recommend(summary)
+    assert any("1 of 3 run(s) failed" in r for r in rec["reasons"])
+
+
+async def test_a_failed_run_is_redone_on_resume(tmp_path):
+    kwargs = dict(configs=grid(granularity=["4K"], buf_size=["1M"], with_defaults=False),
+                  repeat=1, setup=Setup(size="8M", target_speed="16M"), load=None,
+                  time_limit=15)
+    await run_sweep(tmp_path, **kwargs)
+    (folder,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("g-")]
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["error"] = "qemu-storage-daemon died of SIGSEGV"
+    (folder / "summary.json").write_text(json.dumps(summary))
+    res = pd.read_csv(tmp_path / "results.csv")
+    calls = []
+    again = await run_sweep(tmp_path, **kwargs, progress=lambda *a: calls.append(a))
+    assert [c[2] for c in calls] == [Config(4096, MiB).label()]     # only the failed one
+    assert list(again["results"]["outcome"]) == ["converged"]
+    assert len(res) == 1
+
+
+async def test_stopping_a_button_started_sweep_cancels_cleanly(tmp_path):
+    """Issue #10.14: Stop stops the sweep; the current run is not recorded as failed."""
+    from qmpkit.widgets import SweepPanel
+    panel = SweepPanel(out=str(tmp_path / "s"), granularity="4K", buf_size="1M", repeat=1,
+                       size="64M", target_speed="2M", load_rate="1M", time_limit=60)
+    panel.early_stop.value = False
+    panel.run_button.click()
+    task = panel.last_task
+    for _ in range(600):
+        if any((tmp_path / "s" / "runs").glob("g-*/trace.csv")):
+            break
+        await asyncio.sleep(0.1)
+    assert not panel.stop_button.disabled
+    await panel.stop()
+    assert task.cancelled()
+    assert "stopped" in panel.progress_text.value
+    runs = list((tmp_path / "s" / "runs").glob("g-*"))
+    assert runs and not any((r / ".done").exists() for r in runs)
+    summary = json.loads((runs[0] / "summary.json").read_text())
+    assert summary["error"] == "interrupted"
