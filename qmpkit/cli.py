@@ -27,7 +27,7 @@ from . import __version__
 from .demo import run_demo, table_text, write_plots
 from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommandError,
                      QmpkitError)
-from .experiment import Setup, run_experiment
+from .experiment import Setup, check_free_space, run_experiment
 from .lifecycle import MirrorRun
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, mirror_arguments
 from .session import Qemu
@@ -77,16 +77,38 @@ def _rate(name: str) -> Any:
     return _option_type(parse_rate, "rate", name)
 
 
-def _positive_float(name: str):
+def _positive_float(name: str) -> Any:
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = -1.0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{name}: must be a number > 0, got {text!r}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{name}: must be a finite number > 0; "
+                                             f"got {text!r}")
         return value
     parse.__name__ = "number"
+    return parse
+
+
+def _hz(text: str) -> float:
+    value = _positive_float("--hz")(text)
+    if value > 1000:
+        raise argparse.ArgumentTypeError(f"--hz: must be in (0, 1000] samples per second; "
+                                         f"got {text!r}")
+    return value
+
+
+def _count(name: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{name}: must be an integer >= 0; got {text!r}")
+        return value
+    parse.__name__ = "integer"
     return parse
 
 
@@ -133,8 +155,10 @@ def load_from_args(ns: argparse.Namespace) -> FioLoad | None:
 
 def setup_from_args(ns: argparse.Namespace) -> Setup:
     try:
-        return Setup(size=ns.size, fmt=ns.format, target_speed=ns.target_speed or None,
-                     remote_target=ns.remote_target)
+        setup = Setup(size=ns.size, fmt=ns.format, target_speed=ns.target_speed or None,
+                      remote_target=ns.remote_target)
+        check_free_space(setup, None, copies=3)
+        return setup
     except ArgumentError as exc:
         raise UsageError(f"--{exc.argument.replace('_', '-')}: "
                          f"{str(exc).split(': ', 1)[1]}") from None
@@ -147,7 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "or bytes (binary units); rates take the same, per second.")
     parser.add_argument("--version", action="version", version=f"qmpkit {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="log more (-vv shows QMP traffic)")
+                        help="log more: -v warnings and progress of each step, -vv QMP "
+                             "traffic")
+    parser.add_argument("--qmp-timeout", type=_positive_float("--qmp-timeout"), default=30.0,
+                        metavar="SECONDS",
+                        help="how long QEMU may take to answer one QMP command before qmpkit "
+                             "says it is stopped or hung (default 30)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     m = sub.add_parser(
@@ -214,8 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--then", choices=("complete", "cancel", "leave"), default="complete",
                    help="at READY: complete (pivot to the target, the default), cancel "
                         "(keep a point-in-time copy, no pivot) or leave it running")
-    m.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
-                   help="overall deadline in seconds (default 3600)")
+    m.add_argument("--timeout", type=_positive_float("--timeout"), default=3600.0,
+                   metavar="SECONDS", help="overall deadline in seconds, > 0 (default 3600)")
+    m.add_argument("--max-errors", type=_count("--max-errors"), default=1000, metavar="N",
+                   help="cancel the job once QEMU reported more than N I/O errors: with "
+                        "--on-*-error ignore a full disk retries thousands of times a "
+                        "second, for ever (default 1000; 0 = no limit)")
     m.add_argument("--verify", action="store_true",
                    help="after the job ends, compare source and target with qemu-img compare "
                         "while checking that nothing writes to them; if something does, say "
@@ -226,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, metavar="DIR",
                    help="record the job and write its trace folder (trace.csv, "
                         "events.jsonl, summary.json) and plots here")
-    m.add_argument("--hz", type=_positive_float("--hz"), default=10.0, metavar="N",
+    m.add_argument("--hz", type=_hz, default=10.0, metavar="N",
                    help="samples per second when recording (default 10; QEMU works in "
                         "100 ms slices, so faster samples look saw-toothed)")
     add_setup_options(m)
@@ -245,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="wait this long for READY; a run past it counts as not converged "
                         "(default 20)")
-    d.add_argument("--hz", type=_positive_float("--hz"), default=10.0, metavar="N",
+    d.add_argument("--hz", type=_hz, default=10.0, metavar="N",
                    help="samples per second (default 10)")
     add_setup_options(d)
     add_load_options(d)
@@ -283,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "of resuming it; a resume needs exactly the same settings")
     sw.add_argument("--seed", type=int, default=0, metavar="N",
                     help="shuffles the run order (default 0); the same seed, the same order")
-    sw.add_argument("--hz", type=_positive_float("--hz"), default=10.0, metavar="N",
+    sw.add_argument("--hz", type=_hz, default=10.0, metavar="N",
                     help="samples per second (default 10)")
     add_setup_options(sw)
     add_load_options(sw)
@@ -294,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "several folders are overlaid.")
     pl.add_argument("traces", nargs="+", type=Path, metavar="DIR", help="trace folders")
     pl.add_argument("--out", type=Path, metavar="DIR",
-                    help="where the PNGs go (default: the trace folder, or the current "
-                         "folder for several)")
+                    help="where the PNGs go (default: the trace folder; required with "
+                         "several folders)")
 
     n = sub.add_parser("nodes", help="list the block nodes of a running QEMU",
                        description="Show the named block nodes (node name, driver, size, "
@@ -373,6 +406,8 @@ def _show(run: MirrorRun, progress: Progress) -> None:
         return
     note = "paused" if live.status in ("paused", "standby") else \
         (live.forecast.text if live.forecast is not None else "")
+    if live.stale_s > 3 * (1.0 / (run.hz or 1.0)) + 2.0:
+        note = f"no answer from QEMU for {live.stale_s:.0f} s (is it stopped?)"
     progress.update(live.status or "starting", live.current_bytes, live.total_bytes, note,
                     rate=live.throughput_bps)
 
@@ -418,7 +453,7 @@ def _describe_event(event: dict[str, Any]) -> str | None:
 
 
 async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
-    qemu = await Qemu.open(ns.qmp)
+    qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
     try:
         rows = await qemu.nodes.table()
     finally:
@@ -474,7 +509,7 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     _check_mirror_options(ns.device, ns.target or "qmpkit-target", options)
     _check_out(ns.out)
     progress = Progress(out)
-    qemu = await Qemu.open(ns.qmp)
+    qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
     run: MirrorRun | None = None
     failure: BaseException | None = None
     try:
@@ -484,7 +519,7 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                             target_format=ns.target_format,
                             target_node_name=ns.target_node_name, hz=ns.hz, out=ns.out,
                             pause_guest_to_verify=ns.pause_guest_to_verify,
-                            meta={"qmp": ns.qmp, "workload": None,
+                            max_errors=ns.max_errors or None, meta={"qmp": ns.qmp, "workload": None,
                                   "workload_text": f"attached to {ns.qmp}; the load is "
                                                    "whatever writes there"},
                             **options)
@@ -508,8 +543,12 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             for problem in run.cleanup_errors:
                 err.write(f"qmpkit: cleanup: {_clip(problem)}\n")
             if ns.out is not None and run.recording is not None:
-                write_plots([run.trace()], ns.out)
-                progress.message(f"trace saved in {ns.out}")
+                if isinstance(failure, (KeyboardInterrupt, asyncio.CancelledError)):
+                    # stopping fast matters more than pictures: plot them later
+                    progress.message(f"trace saved in {ns.out} (plots: qmpkit plot {ns.out})")
+                else:
+                    write_plots([run.trace()], ns.out)
+                    progress.message(f"trace saved in {ns.out}")
         await qemu.close()
 
 
@@ -623,7 +662,8 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
     try:
         result = await run_experiment(setup=setup, load=load, mirror=options,
                                       time_limit=ns.timeout, hz=ns.hz, out=ns.out,
-                                      on_start=on_start)
+                                      on_start=on_start, max_errors=ns.max_errors or None,
+                                      command_timeout=ns.qmp_timeout)
     finally:
         for task in watcher:
             task.cancel()
@@ -754,14 +794,20 @@ def sweep_table(summary: Any) -> str:
 
 
 def _cmd_plot(ns: argparse.Namespace, out: TextIO) -> int:
+    if len(ns.traces) > 1 and ns.out is None:
+        raise UsageError("--out: several trace folders are overlaid into one set of plots; "
+                         "say where they go (never the working directory by default)")
     _check_out(ns.out)
     traces = []
     for folder in ns.traces:
         try:
             traces.append(Trace.load(folder))
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"{folder}: not a trace folder ({exc})") from None
-    dest = ns.out or (ns.traces[0] if len(ns.traces) == 1 else Path("."))
+        except ValueError as exc:
+            raise UsageError(f"damaged trace: {exc}") from None
+        except OSError as exc:
+            raise UsageError(f"{folder}: not a trace folder ({exc.strerror}: "
+                             f"{Path(exc.filename or folder).name})") from None
+    dest = ns.out or ns.traces[0]
     dest.mkdir(parents=True, exist_ok=True)
     for path in write_plots(traces, dest):
         out.write(f"wrote {path}\n")
@@ -809,13 +855,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(_cmd_sweep(ns, out))
         return _run(_cmd_mirror(ns, out, err))
     except (UsageError, ArgumentError) as exc:
-        err.write(f"qmpkit: error: {_clip(str(exc))}\n")
+        err.write(_clip(f"qmpkit: error: {exc}") + "\n")
         return EXIT_USAGE
     except QemuCommandError as exc:
-        err.write(f"qmpkit: QEMU refused {exc.command}: {_clip(exc.desc)}\n")
+        err.write(_clip(f"qmpkit: QEMU refused {exc.command}: {exc.desc}") + "\n")
         return EXIT_FAILED
     except QmpkitError as exc:
-        err.write(f"qmpkit: {_clip(str(exc))}\n")
+        err.write(_clip(f"qmpkit: {exc}") + "\n")
         return EXIT_FAILED
     except KeyboardInterrupt:
         err.write("qmpkit: interrupted\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -58,6 +59,46 @@ def parse_address(address: str | tuple[str, int]) -> str | tuple[str, int]:
     return (m.group("v6") or m.group("host"), port)
 
 
+def _none(_event: Any) -> bool:
+    return False
+
+
+def _not_a_socket(path: str) -> str | None:
+    """What ``path`` is when it exists and is not a socket ("a regular file"...)."""
+    import stat
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a socket"
+
+
+class _QMPClient(QMPClient):
+    """qemu.qmp's client, logging traffic only when DEBUG is on.
+
+    qemu.qmp's inbound and outbound hooks pretty-print every message for its
+    debug log even when that log is off; under a flood of events (thousands of
+    BLOCK_JOB_ERROR a second) that doubles the cost of each, and qmpkit falls
+    behind QEMU. The hooks exist for subclasses to override."""
+
+    def _cb_inbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            return super()._cb_inbound(msg)
+        return msg
+
+    def _cb_outbound(self, msg: Any) -> Any:
+        if self.logger.isEnabledFor(logging.DEBUG):
+            return super()._cb_outbound(msg)
+        return msg
+
+
 class Client:
     """One QMP session with a QEMU (system emulator or storage daemon).
 
@@ -69,7 +110,11 @@ class Client:
 
     def __init__(self, *, name: str = "qmpkit",
                  command_timeout: float = DEFAULT_COMMAND_TIMEOUT) -> None:
-        self._qmp = QMPClient(name)
+        self._qmp = _QMPClient(name)
+        # qemu.qmp keeps every event in a default listener that nobody reads (and
+        # that cannot be removed): a flood of BLOCK_JOB_ERROR, thousands a second,
+        # would grow it without end. It takes none.
+        self._qmp.events.event_filter = _none
         self.command_timeout = command_timeout
         self.address: str | tuple[str, int] | None = None
         self._lost = asyncio.Event()
@@ -92,6 +137,11 @@ class Client:
         addr = parse_address(address)
         self.address = addr
         shown = addr if isinstance(addr, str) else f"{addr[0]}:{addr[1]}"
+        if isinstance(addr, str):
+            kind = _not_a_socket(addr)
+            if kind is not None:
+                raise QmpConnectionError(f"cannot connect to QMP at {shown}: it is {kind}, "
+                                         "not a socket", address=addr)
         try:
             await asyncio.wait_for(self._qmp.connect(addr), timeout)
         except asyncio.TimeoutError:
@@ -208,7 +258,8 @@ class Client:
             if lost in done:
                 raise QmpConnectionError(f"QMP connection lost while waiting for {name}",
                                          address=self.address)
-            raise QmpTimeoutError(f"event {name}", timeout, address=self.address)
+            raise QmpTimeoutError(name, timeout, address=self.address,
+                                  message=f"no {name} event within {timeout:g} s")
         finally:
             for t in (getter, lost):
                 t.cancel()

@@ -23,7 +23,7 @@ from typing import Sequence
 
 from .client import Client
 from .errors import QemuStartError, QmpConnectionError, QmpkitError
-from .process import die_with_parent
+from .process import die_with_parent, mark_owner, remove_stale_dirs
 
 __all__ = ["StorageDaemon", "DaemonState"]
 
@@ -126,8 +126,11 @@ class StorageDaemon:
         """
         if self.state is not DaemonState.IDLE:
             raise QmpkitError(f"daemon already {self.state.value}")
+        for stale in remove_stale_dirs(self.base_dir):
+            log.info("removed %s, left by a qmpkit that was killed", stale)
         self.workdir = Path(tempfile.mkdtemp(prefix="qmpkit-", dir=self.base_dir))
         os.chmod(self.workdir, 0o700)
+        mark_owner(self.workdir)
         paths = [self.qmp_path] + [self.monitor_path(i)
                                    for i in range(1, self.spare_monitors + 1)]
         self.argv = [self.binary, "--pidfile", str(self.pid_path)]
@@ -187,7 +190,10 @@ class StorageDaemon:
             return False
 
     async def stop(self, *, timeout: float = 10.0) -> int | None:
-        """Quit gracefully, then kill. Returns the exit code. Safe to call twice."""
+        """Quit gracefully, then kill. Returns the exit code. Safe to call twice.
+
+        A daemon that does not answer ``quit`` within 3 s (stopped, hung) is killed
+        at once: SIGKILL works on a stopped process too."""
         if self.state is DaemonState.STOPPED:
             return self.returncode
         self.state = DaemonState.STOPPED
@@ -196,9 +202,10 @@ class StorageDaemon:
             if self.client is not None and proc is not None and proc.poll() is None:
                 try:
                     self.client.expect_close()
-                    await asyncio.wait_for(self.client.execute("quit"), timeout)
-                except (QmpkitError, asyncio.TimeoutError) as exc:
-                    log.warning("quit failed, the daemon will be killed: %s", exc)
+                    await self.client.execute("quit", timeout=min(timeout, 3.0))
+                except QmpkitError as exc:
+                    log.info("quit failed, the daemon will be killed: %s", exc)
+                    proc.kill()
             if self.client is not None:
                 await self.client.close()
             if proc is not None:

@@ -86,11 +86,12 @@ class QmpConnectionError(QmpkitError):
 class QmpTimeoutError(QmpConnectionError, TimeoutError):
     """QEMU did not answer a QMP command within its deadline."""
 
-    def __init__(self, command: str, timeout: float, *, address: object = None) -> None:
+    def __init__(self, command: str, timeout: float, *, address: object = None,
+                 message: str | None = None) -> None:
         self.command = command
         self.timeout = timeout
-        super().__init__(f"QEMU did not answer {command} within {timeout:g} s "
-                         "(is it stopped?)", address=address)
+        super().__init__(message or f"QEMU did not answer {command} within {timeout:g} s "
+                                    "(is it stopped?)", address=address)
 
 
 class QemuCommandError(QmpkitError):

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ArgumentError, QmpkitError
+from .errors import ArgumentError, QmpConnectionError, QmpkitError
 from .images import convert_image, create_image, image_info
 from .lifecycle import MirrorRun, hopeless
 from .mirror import mirror_arguments
@@ -34,7 +34,8 @@ from .trace import Trace, prepare_out_dir
 from .units import format_rate, format_size, parse_rate, parse_size
 from .workload import FioLoad, FioRunner
 
-__all__ = ["Setup", "run_experiment", "measure_offline_copy", "RunResult", "hopeless"]
+__all__ = ["Setup", "run_experiment", "measure_offline_copy", "RunResult", "hopeless",
+           "check_free_space"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,27 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def check_free_space(setup: Setup, base_dir: os.PathLike[str] | str | None, *,
+                     copies: int = 2) -> None:
+    """Refuse a disk size the temp dir's file system cannot hold (``copies``
+    images of ``setup.size``: the source, the target, the offline copy).
+
+    :raise ArgumentError: naming ``size``, with both figures.
+    """
+    import shutil
+    import tempfile
+    where = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    need = copies * int(setup.size)
+    if need > free:
+        raise ArgumentError("size", f"{copies} images of {format_size(setup.size)} need "
+                                    f"{format_size(need)} in {where}, which has "
+                                    f"{format_size(free)} free")
+
+
 async def measure_offline_copy(src: os.PathLike[str] | str, workdir: os.PathLike[str] | str, *,
                                fmt: str = "raw") -> float:
     """Bytes/s of ``qemu-img convert`` of ``src`` into a fresh image: the offline copy
@@ -108,6 +130,8 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                          load_lead_s: float = 0.5,
                          give_up: Callable[[Any], bool] | None = None,
                          on_start: Callable[[MirrorRun], None] | None = None,
+                         max_errors: int | None = None,
+                         command_timeout: float | None = None,
                          base_dir: os.PathLike[str] | str | None = None) -> RunResult:
     """Run one mirror under a load on a fresh embedded QEMU, and record it.
 
@@ -125,6 +149,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     mirror_arguments(device="src", target="dst", **options)   # all checks, before any work
     if not 0 < time_limit < float("inf"):
         raise ArgumentError("time_limit", f"must be > 0 seconds and finite; got {time_limit!r}")
+    check_free_space(setup, base_dir, copies=3 if measure_offline else 2)
     folder = prepare_out_dir(out) if out is not None else None
     meta: dict[str, Any] = {"label": label, "disk_bytes": setup.size,
                             "setup": {"size": setup.size, "format": setup.fmt,
@@ -134,7 +159,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                             "workload_text": (load.describe() if load else "no write load") +
                                              f"; {setup.describe()}",
                             "time_limit_s": time_limit, "hz": hz}
-    qemu = await Qemu.open(workdir=base_dir)
+    qemu = await Qemu.open(workdir=base_dir, command_timeout=command_timeout)
     run: MirrorRun | None = None
     fio: FioRunner | None = None
     converged = False
@@ -163,7 +188,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             await fio.start()
             await asyncio.sleep(load_lead_s)   # the guest writes before the mirror starts
         run = MirrorRun(qemu, device="src", target=target, hz=hz, out=folder, meta=meta,
-                        **options)
+                        max_errors=max_errors, **options)
         await run.start()
         if on_start is not None:
             on_start(run)
@@ -186,7 +211,11 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                 await run.verify(files=((src_file, setup.fmt), (dst_file, setup.fmt)),
                                  watch=("src",))
         else:
-            await run.cancel(timeout=60)
+            try:
+                await run.cancel(timeout=60)
+            except QmpConnectionError as exc:
+                # QEMU hung or died while the run ended anyway: say so, clean up below
+                run.error = str(exc)
         if offline_copy_bps is None and measure_offline and folder is not None:
             src_file, _ = await qemu.image_of("src")
             offline_copy_bps = await measure_offline_copy(src_file, qemu.workdir, fmt=setup.fmt)

@@ -145,15 +145,18 @@ async def fill_image(path: os.PathLike[str] | str, *, fmt: str = "raw",
     _check_fill(fill)
     if length is None:
         length = (await image_info(path))["virtual-size"] - offset
-    cmds: list[str] = []
+    end = offset + length
     pos = offset
-    while pos < offset + length:
-        n = min(_FILL_CHUNK, offset + length - pos)
-        byte = chunk_pattern(pos // _FILL_CHUNK) if fill == "mixed" else int(fill)
-        cmds += ["-c", f"write -q -P {byte} {pos} {n}"]
-        pos += n
-    for i in range(0, len(cmds), 2 * _IO_BATCH):
-        await run_tool(["qemu-io", "-f", fmt, *cmds[i:i + 2 * _IO_BATCH], _io_path(path)])
+    while pos < end:
+        # one batch of commands at a time: a 4 TiB disk must not build 4 M
+        # command strings in memory before the first write
+        cmds: list[str] = []
+        while pos < end and len(cmds) < 2 * _IO_BATCH:
+            n = min(_FILL_CHUNK, end - pos)
+            byte = chunk_pattern(pos // _FILL_CHUNK) if fill == "mixed" else int(fill)
+            cmds += ["-c", f"write -q -P {byte} {pos} {n}"]
+            pos += n
+        await run_tool(["qemu-io", "-f", fmt, *cmds, _io_path(path)])
 
 
 async def image_info(path: os.PathLike[str] | str, *, force_share: bool = True) -> dict[str, Any]:

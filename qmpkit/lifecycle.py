@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 #: seconds each QEMU-side cleanup step may take (a hung QEMU must not hang us)
 CLEANUP_TIMEOUT = 10.0
+#: seconds a QEMU has to answer before cleanup treats it as hung
+PROBE_TIMEOUT = 3.0
 _bitmap_ids = itertools.count(1)
 
 
@@ -116,6 +118,7 @@ class LiveState:
     forecast: Forecast | None
     error_events: int
     last_error: dict[str, Any] | None
+    stale_s: float          # seconds since the last sample (QEMU slow to answer)
 
 
 def hopeless(after_s: float = 3.0) -> Callable[[Recording], bool]:
@@ -149,6 +152,8 @@ class MirrorRun:
     :param meta: more metadata for the trace.
     :param pause_guest_to_verify: pause the VM (``stop``/``cont``) around the
         pivot so that the copy can be verified while the guest is quiet.
+    :param max_errors: cancel the job once QEMU has reported more I/O errors than
+        this (``on-*-error=ignore`` on a full disk retries thousands of times a second).
     :param mirror: `mirror_arguments` keywords (granularity, buf_size, sync...).
     :raise ArgumentError: a bad option, found before anything is sent.
     """
@@ -158,7 +163,7 @@ class MirrorRun:
                  target_format: str | None = None, target_node_name: str | None = None,
                  hz: float | None = 10.0, out: os.PathLike[str] | str | None = None,
                  meta: dict[str, Any] | None = None, pause_guest_to_verify: bool = False,
-                 **mirror: Any) -> None:
+                 max_errors: int | None = None, **mirror: Any) -> None:
         self.qemu = qemu
         self.device = device
         self.options = dict(mirror)
@@ -194,10 +199,17 @@ class MirrorRun:
                                           **self.options)
         self.target = target
         self.job_id: str = self.arguments["job-id"]
+        if hz is not None and not 0 < hz <= 1000:
+            raise ArgumentError("hz", f"must be in (0, 1000] samples per second; got {hz!r}")
         self.hz = hz
         self.out = prepare_out_dir(out) if out is not None else None
         self.meta = dict(meta or {})
         self.pause_guest_to_verify = pause_guest_to_verify
+        if max_errors is not None and (isinstance(max_errors, bool)
+                                       or not isinstance(max_errors, int) or max_errors < 1):
+            raise ArgumentError("max_errors", f"must be an integer >= 1; got {max_errors!r}")
+        self.max_errors = max_errors
+        self._error_stop: asyncio.Future[None] | None = None
         self.phase = RunPhase.NEW
         self.job: MirrorJob | None = None
         self.recorder: Recorder | None = None
@@ -283,6 +295,7 @@ class MirrorRun:
         else:
             self.job = await start_mirror(self.qemu.client, device=self.device,
                                           target=self.target, **options)
+        self.job.on_event(self._count_errors)
         for cb in self._event_callbacks:
             self.job.on_event(cb)
         self._start_recording()
@@ -438,7 +451,8 @@ class MirrorRun:
             dirty_bytes=last.dirty_bytes if last else None,
             throughput_bps=last.throughput_bps if last else 0.0,
             forecast=self.forecast(), error_events=st.error_count,
-            last_error=st.recent_errors[-1] if st.recent_errors else None)
+            last_error=st.recent_errors[-1] if st.recent_errors else None,
+            stale_s=(time.monotonic() - (self.started_at or 0.0) - last.t_s) if last else 0.0)
 
     # -- control ---------------------------------------------------------------
 
@@ -452,7 +466,8 @@ class MirrorRun:
         """Wait for READY: returns ``"ready"``, ``"timeout"`` or ``"gave up"``
         (``give_up(recording)``, checked twice a second, said so).
 
-        :raise JobFailedError: the job failed or was cancelled first.
+        :raise JobFailedError: the job failed or was cancelled first (also by
+            ``max_errors``: then the message says so).
         """
         job = self._job()
         ready = asyncio.ensure_future(job.wait_ready(timeout=timeout))
@@ -465,6 +480,9 @@ class MirrorRun:
                         return "ready"
                     except JobTimeoutError:
                         return "timeout"
+                    except JobFailedError:
+                        self._raise_if_stopped_for_errors()
+                        raise
                 if give_up is not None and self.recording is not None \
                         and give_up(self.recording):
                     return "gave up"
@@ -472,6 +490,27 @@ class MirrorRun:
             ready.cancel()
             with contextlib.suppress(asyncio.CancelledError, QmpkitError):
                 await ready
+
+    def _count_errors(self, event: dict[str, Any]) -> None:
+        """Event callback: past ``max_errors`` I/O errors, cancel the job at once,
+        from the event itself (a flood can outrun any polling loop)."""
+        job = self.job
+        if event["event"] != "BLOCK_JOB_ERROR" or job is None or self.max_errors is None \
+                or job.state.error_count <= self.max_errors or self._error_stop is not None:
+            return
+        self.error = (f"cancelled after more than {self.max_errors} I/O errors "
+                      f"(max_errors={self.max_errors}); last: {event.get('data')}")
+        self._error_stop = asyncio.ensure_future(self._cancel_quietly())
+
+    async def _cancel_quietly(self) -> None:
+        with contextlib.suppress(QmpkitError):
+            await self._job().cancel(force=True, timeout=None)
+
+    def _raise_if_stopped_for_errors(self) -> None:
+        if self._error_stop is not None:
+            job = self._job()
+            raise JobFailedError(self.error or "too many I/O errors", job_id=self.job_id,
+                                 last_status="running", errors=list(job.state.recent_errors))
 
     async def pause(self) -> None:
         await self._job().pause()
@@ -699,7 +738,7 @@ class MirrorRun:
                                                               KeyboardInterrupt))
                           else f"{type(error).__name__}: {error}")
         self.phase = RunPhase.CLOSED
-        qemu_ok = self.qemu.client.connected
+        qemu_ok = await self._answers()
 
         async def step(what: str, coro: Any) -> None:
             nonlocal qemu_ok
@@ -714,17 +753,20 @@ class MirrorRun:
             except QmpConnectionError as exc:
                 qemu_ok = False
                 self.cleanup_errors.append(f"{what}: {exc}")
-            except QmpkitError as exc:
+            except Exception as exc:        # one broken step never skips the others
                 self.cleanup_errors.append(f"{what}: {exc}")
 
+        if self._error_stop is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._error_stop
         if self._saver is not None:
             self._saver.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._saver
         if self.recorder is not None:
             try:
-                await asyncio.wait_for(self.recorder.stop(), CLEANUP_TIMEOUT)
-            except (QmpkitError, asyncio.TimeoutError) as exc:
+                await asyncio.wait_for(self.recorder.stop(final_sample=qemu_ok), CLEANUP_TIMEOUT)
+            except Exception as exc:        # noqa: BLE001 (cleanup goes on)
                 self.cleanup_errors.append(f"recorder: {exc or 'timed out'}")
         if self.job is not None and not left and not self.job.state.finished:
             await step(f"cancel job {self.job_id}", self._cancel_now())
@@ -754,6 +796,25 @@ class MirrorRun:
             except (OSError, ValueError) as exc:
                 log.error("could not save the trace in %s: %s", self.out, exc)
                 self.cleanup_errors.append(f"save trace: {exc}")
+
+    async def _answers(self) -> bool:
+        """Is QEMU there and answering? A stopped (SIGSTOP) or hung QEMU would make
+        every cleanup step wait for its deadline: skip them all instead."""
+        if not self.qemu.client.connected:
+            return False
+        last = self.job.state.events[-1] if self.job and self.job.state.events else None
+        recent = self.job.state.recent_error_events[-1] if self.job and \
+            self.job.state.recent_error_events else None
+        newest = max((e.get("received", 0.0) for e in (last, recent) if e), default=0.0)
+        if time.monotonic() - newest < 1.0:
+            return True                   # events still flow: QEMU is alive, just busy
+        try:
+            await self.qemu.client.execute("query-version", timeout=PROBE_TIMEOUT)
+            return True
+        except QmpkitError as exc:
+            self.cleanup_errors.append(f"QEMU does not answer ({exc}): its nodes and job "
+                                       "were left as they are")
+            return False
 
     async def __aenter__(self) -> "MirrorRun":
         return self

@@ -51,6 +51,10 @@ def _title(ax: Any, what: str, traces: Sequence[Trace]) -> None:
     ax.set_title(f"{what}: {sub}" + (f"\n{load}" if load else ""), fontsize=10)
 
 
+#: error events drawn at most (the rest are counted in the legend)
+MAX_ERROR_MARKS = 200
+
+
 def _mark_events(ax: Any, trace: Trace, color: Any, row: int = 0) -> None:
     ready = trace.ready_time()
     if ready is not None:
@@ -58,12 +62,17 @@ def _mark_events(ax: Any, trace: Trace, color: Any, row: int = 0) -> None:
         ax.annotate(f"READY {ready:.1f} s", (ready, 1), xycoords=("data", "axes fraction"),
                     xytext=(3, -12 * (row + 1)), textcoords="offset points", fontsize=8,
                     color=color)
-    for ev in trace.error_events():
-        ax.axvline(ev["t_s"], color="red", linestyle=":", linewidth=1)
     errs = trace.error_events()
     if errs:
-        ax.plot([e["t_s"] for e in errs], [0] * len(errs), "rx", markersize=8,
-                label="error event")
+        # One collection, at most MAX_ERROR_MARKS lines: a flood of thousands of
+        # error events must not cost one artist each.
+        step = max(1, len(errs) // MAX_ERROR_MARKS)
+        ts = [e["t_s"] for e in errs[::step]]
+        ax.vlines(ts, 0, 1, transform=ax.get_xaxis_transform(), colors="red",
+                  linestyles=":", linewidth=1)
+        n = trace.summary.get("error_events") or len(errs)
+        ax.plot(ts, [0] * len(ts), "rx", markersize=8,
+                label=f"error event ({n})" if n > 1 else "error event")
 
 
 def convergence(traces: Trace | Iterable[Trace]) -> Any:

@@ -122,8 +122,9 @@ class Recorder:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def stop(self) -> None:
-        """Stop sampling (after one last sample of jobs still running).
+    async def stop(self, *, final_sample: bool = True) -> None:
+        """Stop sampling (after one last sample of jobs still running, which may take
+        at most 2 s: a hung QEMU must not hold up a cleanup).
 
         :raise QmpkitError: the sampler itself failed (e.g. QMP connection lost).
         """
@@ -132,9 +133,9 @@ class Recorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-            if self.error is None and self.client.connected:
-                with contextlib.suppress(QmpkitError):
-                    await self.sample()
+            if final_sample and self.error is None and self.client.connected:
+                with contextlib.suppress(QmpkitError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self.sample(), 2.0)
         if self.error is not None:
             raise self.error
 

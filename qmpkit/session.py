@@ -27,6 +27,7 @@ from .errors import ArgumentError
 from .images import FORMATS, compare_images
 from .mirror import MirrorJob, start_mirror
 from .nodes import BlockGraph
+from .process import OWNER_FILE, mark_owner, remove_stale_dirs
 
 __all__ = ["Qemu"]
 
@@ -49,11 +50,13 @@ class Qemu:
     async def open(cls, qmp: str | tuple[str, int] | None = None, *,
                    workdir: os.PathLike[str] | str | None = None,
                    binary: str = "qemu-storage-daemon", spare_monitors: int = 0,
-                   timeout: float = 15.0) -> "Qemu":
+                   timeout: float = 15.0, command_timeout: float | None = None) -> "Qemu":
         """Start the embedded daemon (``qmp=None``) or attach to ``qmp``.
 
         ``spare_monitors`` gives the embedded daemon more QMP sockets, for
         other clients such as the ``qmpkit`` command (see `StorageDaemon`).
+        ``command_timeout`` is how long one QMP command may take (see
+        `Client.execute`).
 
         :raise QemuStartError: the embedded daemon did not start.
         :raise QmpConnectionError: nothing answers QMP at ``qmp``.
@@ -62,12 +65,18 @@ class Qemu:
             daemon = StorageDaemon(binary=binary, base_dir=workdir,
                                    spare_monitors=spare_monitors)
             client = await daemon.start(timeout=timeout)
+            if command_timeout is not None:
+                client.command_timeout = command_timeout
             assert daemon.workdir is not None
             return cls(client, workdir=daemon.workdir, daemon=daemon)
         client = await Client.attach(qmp, timeout=timeout)
+        if command_timeout is not None:
+            client.command_timeout = command_timeout
         if workdir is None:
-            return cls(client, workdir=Path(tempfile.mkdtemp(prefix="qmpkit-")),
-                       own_workdir=True)
+            remove_stale_dirs()
+            own = Path(tempfile.mkdtemp(prefix="qmpkit-"))
+            mark_owner(own)
+            return cls(client, workdir=own, own_workdir=True)
         return cls(client, workdir=Path(workdir))
 
     @property
@@ -117,6 +126,7 @@ class Qemu:
             if self._own_workdir:
                 # Images made here may now belong to the VM: remove the dir only if empty.
                 with contextlib.suppress(OSError):
+                    (self.workdir / OWNER_FILE).unlink()
                     self.workdir.rmdir()
 
     async def __aenter__(self) -> "Qemu":

@@ -51,6 +51,7 @@ class Sample:
 
 _FIELDS = [f.name for f in fields(Sample)]
 _INT_FIELDS = {"dirty_bytes", "current_progress", "total_progress", "remaining_bytes"}
+_NULLABLE = {"dirty_bytes"}
 
 
 def _fmt(name: str, value: Any) -> str:
@@ -170,27 +171,71 @@ class Trace:
         return folder
 
     @classmethod
-    def load(cls, folder: os.PathLike[str] | str) -> "Trace":
-        """Read a trace folder.
+    def load(cls, folder: os.PathLike[str] | str, *, require_samples: bool = True) -> "Trace":
+        """Read a trace folder. A trace with no sample is refused unless
+        ``require_samples`` is False (a run that failed at once).
 
         :raise FileNotFoundError: the folder holds no trace.
+        :raise ValueError: a file is damaged; the message says which and where,
+            in one line.
         """
         folder = Path(folder)
-        with open(folder / "trace.csv", newline="") as f:
-            rows = list(csv.reader(f))
-        if not rows or rows[0] != _FIELDS:
-            raise ValueError(f"{folder / 'trace.csv'}: not a qmpkit trace (header {rows[:1]})")
-        samples = [Sample(**{n: _parse(n, v) for n, v in zip(_FIELDS, row)}) for row in rows[1:]]
-        events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()
-                  if line.strip()]
-        summary = json.loads((folder / "summary.json").read_text())
-        meta = summary.pop("meta", {})
-        lat: list[tuple[float, float]] = []
-        lat_path = folder / "fio_latency.csv"
-        if lat_path.exists():
-            for line in lat_path.read_text().splitlines()[1:]:
-                t, v = line.split(",")
-                lat.append((float(t), float(v)))
+        name = "trace.csv"
+        try:
+            with open(folder / name, newline="") as f:
+                rows = list(csv.reader(f))
+            if not rows or rows[0] != _FIELDS:
+                raise ValueError(f"not a qmpkit trace (header {rows[0][:8] if rows else []})")
+            if len(rows) == 1 and require_samples:
+                raise ValueError("no samples")
+            samples = []
+            for i, row in enumerate(rows[1:], 2):
+                if len(row) != len(_FIELDS):
+                    raise ValueError(f"line {i} has {len(row)} columns, not {len(_FIELDS)}")
+                try:
+                    values = {n: _parse(n, v) for n, v in zip(_FIELDS, row)}
+                except ValueError:
+                    raise ValueError(f"line {i} holds a value that is not a number") from None
+                empty = [n for n, v in values.items() if v is None and n not in _NULLABLE]
+                if empty:
+                    raise ValueError(f"line {i} has no {empty[0]}")
+                samples.append(Sample(**values))
+            name = "events.jsonl"
+            events = []
+            for i, line in enumerate((folder / name).read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    raise ValueError(f"line {i} is not JSON") from None
+                if not isinstance(ev, dict) or "event" not in ev or "t_s" not in ev:
+                    raise ValueError(f"line {i} is not an event")
+                events.append(ev)
+            name = "summary.json"
+            try:
+                summary = json.loads((folder / name).read_text())
+            except ValueError:
+                raise ValueError("not JSON") from None
+            if not isinstance(summary, dict):
+                raise ValueError("not a JSON object")
+            meta = summary.pop("meta", {})
+            if not isinstance(meta, dict):
+                raise ValueError("its meta is not an object")
+            name = "fio_latency.csv"
+            lat: list[tuple[float, float]] = []
+            lat_path = folder / name
+            if lat_path.exists():
+                for i, line in enumerate(lat_path.read_text().splitlines()[1:], 2):
+                    try:
+                        t, v = line.split(",")
+                        lat.append((float(t), float(v)))
+                    except ValueError:
+                        raise ValueError(f"line {i} is not 't_s,write_lat_us'") from None
+        except (UnicodeDecodeError, csv.Error):
+            raise ValueError(f"{folder / name}: not a text table") from None
+        except ValueError as exc:
+            raise ValueError(f"{folder / name}: {exc}") from None
         return cls(samples=samples, events=events, meta=meta, summary=summary, fio_latency=lat)
 
     def to_dataframe(self) -> "Any":

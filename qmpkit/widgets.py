@@ -722,7 +722,7 @@ class SweepPanel(_Panel):
                                          ascending=[True, False]).iloc[0]
             label = worst["label"]
         folders = res[(res["label"] == label) & (res["outcome"] != "failed")]["folder"]
-        return [Trace.load(Path(self.out_dir.value) / "runs" / f) for f in folders]
+        return [Trace.load(Path(self.out_dir.value) / "runs" / f, require_samples=False) for f in folders]
 
 
 def recommendation_html(rec: dict[str, Any]) -> str:
