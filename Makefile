@@ -12,7 +12,7 @@ TOOLS := qemu-storage-daemon qemu-system-x86_64 qemu-img qemu-io fio chromium
 STAMP := $(VENV)/.qmpkit-installed
 LAB_PORT ?= 8888
 
-.PHONY: lab test bench system venv clean
+.PHONY: lab test test-matrix bench system venv clean
 
 lab: system $(STAMP)
 	@mkdir -p notebooks
@@ -24,6 +24,11 @@ test: system $(STAMP)
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
+
+# The suite (less the browser test) in a cached chroot of the other Debian release:
+# Debian 13 (QEMU 10) on a Debian 12 host, Debian 12 (QEMU 7.2) on a Debian 13 host.
+test-matrix:
+	APT_PACKAGES="$(APT_PACKAGES)" MATRIX_TOOLS="$(TOOLS)" tools/test-matrix
 
 bench: system $(STAMP)
 	@for b in benchmarks/*.py; do [ -e "$$b" ] || continue; echo "== $$b"; $(BIN)/python "$$b" || exit 1; done

@@ -3,6 +3,7 @@ qmpkit: watch QEMU's ``blockdev-mirror`` converge, and tune it with evidence.
 
 The package is async first. Its layers, from QEMU up:
 
+- `qmpkit.process` how children start: own session, die with qmpkit; temp-dir owners
 - `qmpkit.daemon`  the embedded ``qemu-storage-daemon`` (the default QEMU)
 - `qmpkit.client`  one QMP connection (qemu.qmp underneath)
 - `qmpkit.nodes`   sources and targets as block nodes (``blockdev-add``)
@@ -15,6 +16,7 @@ The package is async first. Its layers, from QEMU up:
 - `qmpkit.trace`   recorded runs, saved as folders
 - `qmpkit.analysis` copy rate, the convergence forecast, summaries
 - `qmpkit.plots`   matplotlib figures of traces
+- `qmpkit.lifecycle` `MirrorRun`: one mirror from start to end, and its cleanup
 - `qmpkit.experiment` one recorded run on the embedded QEMU
 - `qmpkit.demo`, `qmpkit.sweep`, `qmpkit.soak`  comparisons, tuning, integrity
 - `qmpkit.widgets` ipywidgets panels for notebooks

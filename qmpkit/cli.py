@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -245,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(keep a point-in-time copy, no pivot) or leave it running")
     m.add_argument("--timeout", type=_positive_float("--timeout"), default=3600.0,
                    metavar="SECONDS", help="overall deadline in seconds, > 0 (default 3600)")
+    m.add_argument("--rescue-after", type=_positive_float("--rescue-after"), metavar="SECONDS",
+                   help="when the forecast has said 'not converging' for this long, switch the "
+                        "running mirror to write-blocking, once (block-job-change, QEMU >= "
+                        "8.2); the switch is an event of the trace")
     m.add_argument("--max-errors", type=_count("--max-errors"), default=1000, metavar="N",
                    help="cancel the job once QEMU reported more than N I/O errors: with "
                         "--on-*-error ignore a full disk retries thousands of times a "
@@ -335,6 +340,47 @@ def build_parser() -> argparse.ArgumentParser:
                                    "file) of the QEMU at --qmp.")
     n.add_argument("--qmp", required=True, metavar="ADDR",
                    help="QMP socket: a unix socket path or host:port")
+
+    js = sub.add_parser("jobs", help="list the block jobs of a running QEMU",
+                        description="Every block job of the QEMU at --qmp: id, type, device, "
+                                    "status, progress, speed, ready, paused, I/O status.")
+    js.add_argument("--qmp", required=True, metavar="ADDR",
+                    help="QMP socket: a unix socket path or host:port")
+    js.add_argument("--json", action="store_true",
+                    help="print a JSON list of objects with the keys id, type, device, status, "
+                         "current_progress, total_progress, speed, ready, paused, io_status")
+
+    j = sub.add_parser("job", help="control a block job after the fact (like virsh blockjob)",
+                       description="Watch or steer a job that runs already, for example one "
+                                   "left by `qmpkit mirror --then leave`. Exit codes as for "
+                                   "mirror: 0, 1 (QEMU refused, the job failed), 2 (bad "
+                                   "arguments, unknown job), 3 (timeout).")
+    jsub = j.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in (("watch", "show (and with --out record) its progress"),
+                         ("pause", "pause it"), ("resume", "resume it"),
+                         ("cancel", "cancel it (in READY: keep a point-in-time copy)"),
+                         ("complete", "pivot to the target (READY only)"),
+                         ("speed", "change its speed limit"),
+                         ("change", "switch its copy mode (QEMU >= 8.2)")):
+        a = jsub.add_parser(action, help=text, description=text)
+        a.add_argument("--qmp", required=True, metavar="ADDR",
+                       help="QMP socket: a unix socket path or host:port")
+        a.add_argument("job_id", metavar="JOB", help="the job id (see `qmpkit jobs`)")
+        a.add_argument("--timeout", type=_positive_float("--timeout"), default=60.0,
+                       metavar="SECONDS", help="how long to wait (default 60; watch: 3600)")
+        if action == "speed":
+            a.add_argument("rate", type=_rate("RATE"), metavar="RATE",
+                           help="bytes per second, 0 = unlimited (4M, 100M, ...)")
+        if action == "change":
+            a.add_argument("--copy-mode", choices=COPY_MODES, required=True,
+                           help="background or write-blocking")
+        if action == "watch":
+            a.add_argument("--until", choices=("ready", "done"), default="done",
+                           help="stop watching at READY, or when the job ends (default)")
+            a.add_argument("--out", type=Path, metavar="DIR",
+                           help="record what is watched as a trace folder")
+            a.add_argument("--hz", type=_hz, default=10.0, metavar="N",
+                           help="samples per second (default 10)")
     return parser
 
 
@@ -464,6 +510,89 @@ async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
+async def _cmd_jobs(ns: argparse.Namespace, out: TextIO) -> int:
+    qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
+    try:
+        rows = await qemu.jobs()
+    finally:
+        await qemu.close()
+    if ns.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return EXIT_OK
+    out.write(f"{'JOB':<20} {'TYPE':<8} {'DEVICE':<16} {'STATUS':<10} {'PROGRESS':>22} "
+              f"{'SPEED':>12}  IO\n")
+    for r in rows:
+        prog = f"{format_size(r['current_progress'])} / {format_size(r['total_progress'])}"
+        speed = format_rate(r["speed"]) if r["speed"] else "unlimited"
+        out.write(f"{r['id']:<20} {r['type']:<8} {r['device']:<16} {r['status']:<10} "
+                  f"{prog:>22} {speed:>12}  {r['io_status']}\n")
+    if not rows:
+        out.write("(no block jobs)\n")
+    return EXIT_OK
+
+
+async def _cmd_job(ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.action == "watch" and getattr(ns, "out", None) is not None:
+        _check_out(ns.out)
+    progress = Progress(out)
+    qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
+    run: MirrorRun | None = None
+    failure: BaseException | None = None
+    try:
+        try:
+            run = await MirrorRun.attach(
+                qemu, ns.job_id, hz=ns.hz if ns.action == "watch" else None,
+                out=getattr(ns, "out", None))
+        except ArgumentError as exc:
+            raise UsageError(str(exc)) from None
+        job = run.job
+        assert job is not None
+        timeout = ns.timeout if ns.action != "watch" or ns.timeout != 60.0 else 3600.0
+        try:
+            if ns.action == "pause":
+                await job.pause(timeout=timeout)
+            elif ns.action == "resume":
+                await job.resume(timeout=timeout)
+            elif ns.action == "speed":
+                await job.set_speed(ns.rate)
+            elif ns.action == "change":
+                await run.change(copy_mode=ns.copy_mode)
+            elif ns.action == "complete":
+                await run.complete(timeout=timeout)
+            elif ns.action == "cancel":
+                await run.cancel(timeout=timeout)
+            else:
+                run.on_event(_EventLines(progress))
+                if ns.until == "ready":
+                    await _watch(run, progress, job.wait_ready(timeout=timeout))
+                else:
+                    await _watch(run, progress, job.wait_done(timeout=timeout))
+        except JobFailedError as exc:
+            return _job_failed(exc, progress)
+        except JobTimeoutError as exc:
+            progress.message(f"qmpkit: timeout: {exc}")
+            return EXIT_TIMEOUT
+        st = job.state
+        what = {"pause": "paused", "resume": "resumed", "speed": "speed set",
+                "change": f"copy mode now {getattr(ns, 'copy_mode', '')}",
+                "complete": "completed (pivoted to the target)",
+                "cancel": ("ended with a point-in-time copy" if run.point_in_time_copy
+                           else "cancelled"),
+                "watch": "is ready" if getattr(ns, "until", "") == "ready" else "ended"}[ns.action]
+        progress.message(f"job {ns.job_id} {what} (status {st.status})")
+        return EXIT_OK
+    except BaseException as exc:
+        failure = exc
+        raise
+    finally:
+        progress.end()
+        if run is not None:
+            await run.close(failure)
+            if getattr(ns, "out", None) is not None:
+                progress.message(f"trace saved in {ns.out}")
+        await qemu.close()
+
+
 def _mirror_options(ns: argparse.Namespace) -> dict[str, Any]:
     return dict(job_id=ns.job_id, sync=ns.sync, speed=ns.speed, granularity=ns.granularity,
                 buf_size=ns.buf_size, replaces=ns.replaces,
@@ -519,7 +648,8 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                             target_format=ns.target_format,
                             target_node_name=ns.target_node_name, hz=ns.hz, out=ns.out,
                             pause_guest_to_verify=ns.pause_guest_to_verify,
-                            max_errors=ns.max_errors or None, meta={"qmp": ns.qmp, "workload": None,
+                            max_errors=ns.max_errors or None,
+                            rescue_after=ns.rescue_after, meta={"qmp": ns.qmp, "workload": None,
                                   "workload_text": f"attached to {ns.qmp}; the load is "
                                                    "whatever writes there"},
                             **options)
@@ -663,6 +793,7 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
         result = await run_experiment(setup=setup, load=load, mirror=options,
                                       time_limit=ns.timeout, hz=ns.hz, out=ns.out,
                                       on_start=on_start, max_errors=ns.max_errors or None,
+                                      rescue_after=ns.rescue_after,
                                       command_timeout=ns.qmp_timeout)
     finally:
         for task in watcher:
@@ -847,6 +978,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "nodes":
             return _run(_cmd_nodes(ns, out))
+        if ns.command == "jobs":
+            return _run(_cmd_jobs(ns, out))
+        if ns.command == "job":
+            return _run(_cmd_job(ns, out))
         if ns.command == "demo":
             return _run(_cmd_demo(ns, out))
         if ns.command == "plot":

@@ -116,6 +116,7 @@ class Client:
         # would grow it without end. It takes none.
         self._qmp.events.event_filter = _none
         self.command_timeout = command_timeout
+        self._caps: Any = None
         self.address: str | tuple[str, int] | None = None
         self._lost = asyncio.Event()
         self._watch: asyncio.Task[None] | None = None
@@ -264,6 +265,14 @@ class Client:
             for t in (getter, lost):
                 t.cancel()
             await asyncio.gather(getter, lost, return_exceptions=True)
+
+    async def capabilities(self) -> "Capabilities":
+        """What this QEMU can do (`qmpkit.capabilities`), read once per connection."""
+        if self._caps is None:
+            from .capabilities import Capabilities
+            self._caps = Capabilities.from_qmp(await self.execute("query-version"),
+                                               await self.execute("query-qmp-schema"))
+        return self._caps
 
     async def version(self) -> tuple[int, int, int]:
         v = (await self.execute("query-version"))["qemu"]

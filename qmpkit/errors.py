@@ -25,6 +25,8 @@ needs to act on it, not just a message::
      │   │                     .message .errors (BLOCK_JOB_ERROR events)
      │   └── JobTimeoutError   a wait passed its deadline (also a TimeoutError)
      │                         .waiting_for .timeout
+     ├── UnsupportedError      this QEMU lacks a feature (also an ArgumentError:
+     │                         found before anything starts)  .argument .needs .have
      └── VerifyError           source and target differ  .detail
 
 Errors from ``qemu.qmp`` are translated once, in `qmpkit.client`.
@@ -136,6 +138,15 @@ class JobTimeoutError(JobError, TimeoutError):
         super().__init__(
             f"timed out after {timeout:g} s waiting for job {job_id!r} to {waiting_for} "
             f"(last status {last_status})", job_id=job_id, last_status=last_status)
+
+
+class UnsupportedError(ArgumentError):
+    """This QEMU does not have a feature (read from its QMP schema, not guessed)."""
+
+    def __init__(self, argument: str, what: str, *, needs: str, have: str) -> None:
+        self.needs = needs
+        self.have = have
+        super().__init__(argument, f"{what} needs QEMU >= {needs} (this QEMU is {have})")
 
 
 class VerifyError(QmpkitError):

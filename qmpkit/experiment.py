@@ -132,6 +132,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                          on_start: Callable[[MirrorRun], None] | None = None,
                          max_errors: int | None = None,
                          command_timeout: float | None = None,
+                         rescue_after: float | None = None,
                          base_dir: os.PathLike[str] | str | None = None) -> RunResult:
     """Run one mirror under a load on a fresh embedded QEMU, and record it.
 
@@ -188,7 +189,7 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
             await fio.start()
             await asyncio.sleep(load_lead_s)   # the guest writes before the mirror starts
         run = MirrorRun(qemu, device="src", target=target, hz=hz, out=folder, meta=meta,
-                        max_errors=max_errors, **options)
+                        max_errors=max_errors, rescue_after=rescue_after, **options)
         await run.start()
         if on_start is not None:
             on_start(run)

@@ -60,7 +60,7 @@ from .job import JobEnd, JobState
 from .mirror import MirrorJob, mirror_arguments, start_drive_mirror, start_mirror
 from .record import Recorder, Recording, checkpoint
 from .session import FILTERS, Qemu
-from .trace import Trace, prepare_out_dir
+from .trace import COPY_MODE_EVENT, Trace, prepare_out_dir
 from .units import format_size
 
 __all__ = ["MirrorRun", "Verification", "RunPhase", "hopeless", "LiveState"]
@@ -154,6 +154,8 @@ class MirrorRun:
         pivot so that the copy can be verified while the guest is quiet.
     :param max_errors: cancel the job once QEMU has reported more I/O errors than
         this (``on-*-error=ignore`` on a full disk retries thousands of times a second).
+    :param rescue_after: when the forecast has said "not converging" for this many
+        seconds, switch the job to write-blocking, once (QEMU >= 8.2).
     :param mirror: `mirror_arguments` keywords (granularity, buf_size, sync...).
     :raise ArgumentError: a bad option, found before anything is sent.
     """
@@ -163,7 +165,8 @@ class MirrorRun:
                  target_format: str | None = None, target_node_name: str | None = None,
                  hz: float | None = 10.0, out: os.PathLike[str] | str | None = None,
                  meta: dict[str, Any] | None = None, pause_guest_to_verify: bool = False,
-                 max_errors: int | None = None, **mirror: Any) -> None:
+                 max_errors: int | None = None, rescue_after: float | None = None,
+                 **mirror: Any) -> None:
         self.qemu = qemu
         self.device = device
         self.options = dict(mirror)
@@ -210,6 +213,14 @@ class MirrorRun:
             raise ArgumentError("max_errors", f"must be an integer >= 1; got {max_errors!r}")
         self.max_errors = max_errors
         self._error_stop: asyncio.Future[None] | None = None
+        if rescue_after is not None and not 0 < rescue_after < float("inf"):
+            raise ArgumentError("rescue_after", f"must be a finite number of seconds > 0; "
+                                                f"got {rescue_after!r}")
+        if rescue_after is not None and self.arguments.get("copy-mode") == "write-blocking":
+            raise ArgumentError("rescue_after", "the mirror already starts in write-blocking "
+                                                "mode: there is nothing to switch to")
+        self.rescue_after = rescue_after
+        self.rescued_at: float | None = None
         self.phase = RunPhase.NEW
         self.job: MirrorJob | None = None
         self.recorder: Recorder | None = None
@@ -278,6 +289,10 @@ class MirrorRun:
             if "stop" not in cmds:
                 raise ArgumentError("pause_guest_to_verify", "needs a VM (qemu-system): this "
                                                              "QEMU has no guest to pause")
+        if self.rescue_after is not None:
+            (await self.qemu.client.capabilities()).require(
+                "block_job_change", "switching to write-blocking (rescue_after)",
+                argument="rescue_after")
         sync = self.arguments["sync"]
         if self.target_file is not None:
             await self._open_target_file(source.node_name, source.size, source.driver, sync)
@@ -486,10 +501,35 @@ class MirrorRun:
                 if give_up is not None and self.recording is not None \
                         and give_up(self.recording):
                     return "gave up"
+                await self._maybe_rescue()
         finally:
             ready.cancel()
             with contextlib.suppress(asyncio.CancelledError, QmpkitError):
                 await ready
+
+    async def _maybe_rescue(self) -> None:
+        if self.rescue_after is None or self.rescued_at is not None or self.recording is None:
+            return
+        if not hopeless(self.rescue_after)(self.recording):
+            return
+        reason = self.recording.forecast().text
+        await self.change(copy_mode="write-blocking", reason=f"rescue: {reason}")
+
+    async def change(self, *, copy_mode: str, reason: str = "asked") -> None:
+        """Switch the running job's copy mode (``block-job-change``, QEMU >= 8.2),
+        and record the switch as an event of the trace.
+
+        :raise UnsupportedError: this QEMU cannot.
+        """
+        job = self._job()
+        await job.change(copy_mode=copy_mode)  # type: ignore[arg-type]
+        now = time.monotonic()
+        if copy_mode == "write-blocking":
+            self.rescued_at = now
+        job.state.events.append({"event": COPY_MODE_EVENT, "received": now, "timestamp": None,
+                                 "data": {"id": self.job_id, "copy-mode": copy_mode,
+                                          "reason": reason}})
+        log.info("job %s switched to %s (%s)", self.job_id, copy_mode, reason)
 
     def _count_errors(self, event: dict[str, Any]) -> None:
         """Event callback: past ``max_errors`` I/O errors, cancel the job at once,

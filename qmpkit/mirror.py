@@ -157,6 +157,20 @@ class MirrorJob(Job):
         super().__init__(client, job_id, **kwargs)
         self.arguments = dict(arguments)
 
+    async def change(self, *, copy_mode: CopyMode) -> None:
+        """Switch the running mirror's copy mode (``block-job-change``), e.g. from
+        background to write-blocking: the rescue for a mirror that cannot converge.
+
+        :raise UnsupportedError: this QEMU has no ``block-job-change`` (before 8.2).
+        :raise QemuCommandError: QEMU refused (its message, word for word).
+        """
+        mode = _choice(copy_mode, COPY_MODES, "copy_mode")
+        caps = await self.client.capabilities()
+        caps.require("block_job_change", "changing a running mirror's copy mode",
+                     argument="copy_mode")
+        await self._command("block-job-change", {"id": self.job_id, "type": "mirror",
+                                                 "copy-mode": mode})
+
     @property
     def device(self) -> str:
         return self.arguments["device"]

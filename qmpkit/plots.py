@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from .trace import Trace
+from .trace import COPY_MODE_EVENT, Trace
 from .units import format_rate, format_size
 
 __all__ = ["convergence", "throughput", "latency", "describe", "save"]
@@ -62,6 +62,18 @@ def _mark_events(ax: Any, trace: Trace, color: Any, row: int = 0) -> None:
         ax.annotate(f"READY {ready:.1f} s", (ready, 1), xycoords=("data", "axes fraction"),
                     xytext=(3, -12 * (row + 1)), textcoords="offset points", fontsize=8,
                     color=color)
+    synced = next((x.t_s for x in trace.samples if x.actively_synced), None)
+    if synced is not None:
+        ax.axvline(synced, color=color, linestyle="-.", linewidth=1)
+        ax.annotate(f"actively synced {synced:.1f} s", (synced, 0.5),
+                    xycoords=("data", "axes fraction"), xytext=(3, 0),
+                    textcoords="offset points", fontsize=8, color=color, rotation=90)
+    for ev in trace.events:
+        if ev["event"] == COPY_MODE_EVENT:
+            ax.axvline(ev["t_s"], color=color, linestyle=(0, (1, 3)), linewidth=1.2)
+            ax.annotate(f"→ {ev['data'].get('copy-mode')}", (ev["t_s"], 0.9),
+                        xycoords=("data", "axes fraction"), xytext=(3, 0),
+                        textcoords="offset points", fontsize=8, color=color)
     errs = trace.error_events()
     if errs:
         # One collection, at most MAX_ERROR_MARKS lines: a flood of thousands of

@@ -3,7 +3,7 @@ Record mirror jobs over time: the sampler.
 
 A `Recorder` samples every job added to it, on one QMP connection, as an
 asyncio task beside other work (a notebook's widgets, a fio load). Each tick
-costs two QMP commands however many jobs it records: ``query-jobs`` for the
+costs two QMP commands however many jobs it records: ``query-block-jobs`` for the
 progress, and ``query-named-block-nodes`` for the dirty bitmaps.
 
 The dirty count is the job's anonymous dirty bitmap. QEMU 7.2 keeps it on the
@@ -174,14 +174,16 @@ class Recorder:
             return
         if self.dirty and any(r.dirty_nodes is None for r in live):
             await self._locate_bitmaps(live)
-        jobs_q = self.client.execute("query-jobs")
+        # query-block-jobs: the same progress as query-jobs (offset/len), and from
+        # QEMU 8.2 also actively-synced
+        jobs_q = self.client.execute("query-block-jobs")
         if self.dirty:
             jobs, nodes = await asyncio.gather(
                 jobs_q, self.client.execute("query-named-block-nodes", {"flat": True}))
         else:
             jobs, nodes = await jobs_q, []
         now = time.monotonic()
-        by_id = {j["id"]: j for j in jobs}
+        by_id = {j["device"]: j for j in jobs}
         bitmaps: dict[str, list[dict[str, Any]]] = {
             n["node-name"]: n.get("dirty-bitmaps", []) for n in nodes}
         self.ticks += 1
@@ -194,12 +196,12 @@ class Recorder:
                 counts = [b["count"] for name in rec.dirty_nodes for b in bitmaps.get(name, ())
                           if "name" not in b]      # the job's bitmap is anonymous
                 dirty = sum(counts) if counts else None
-            cur, tot = int(info["current-progress"]), int(info["total-progress"])
+            cur, tot = int(info["offset"]), int(info["len"])
             # µs and 0.1 B/s: what a trace file keeps, so a loaded trace equals this one
             s = Sample(t_s=round(now - rec.started_at, 6), status=info["status"],
                        dirty_bytes=dirty,
                        current_progress=cur, total_progress=tot, remaining_bytes=tot - cur,
-                       throughput_bps=0.0)
+                       throughput_bps=0.0, actively_synced=info.get("actively-synced"))
             tp = rate(rec.samples + [s], "current_progress", self.window)
             rec.samples.append(replace(s, throughput_bps=round(max(0.0, tp or 0.0), 1)))
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from .client import Client
 from .daemon import StorageDaemon
-from .errors import ArgumentError
+from .errors import ArgumentError, QmpkitError
 from .images import FORMATS, compare_images
 from .mirror import MirrorJob, start_mirror
 from .nodes import BlockGraph
@@ -86,6 +86,28 @@ class Qemu:
     async def mirror(self, *, device: str, target: str, **options: Any) -> MirrorJob:
         """`start_mirror` on this QEMU."""
         return await start_mirror(self.client, device=device, target=target, **options)
+
+    async def jobs(self) -> list[dict[str, Any]]:
+        """Every block job as plain data: ``id``, ``type``, ``device`` (the source
+        node, from the block graph), ``status``, ``current_progress``,
+        ``total_progress``, ``speed``, ``ready``, ``paused``, ``io_status``."""
+        sources: dict[str, str] = {}
+        try:
+            from .nodes import graph_children
+            for j in await self.client.execute("query-block-jobs"):
+                edges = await graph_children(self.client, "block-job", j["device"])
+                sources[j["device"]] = edges.get("source", "")
+        except QmpkitError:
+            pass
+        rows = []
+        for j in await self.client.execute("query-block-jobs"):
+            rows.append({"id": j["device"], "type": j["type"],
+                         "device": sources.get(j["device"], ""),
+                         "status": j.get("status", ""), "current_progress": j["offset"],
+                         "total_progress": j["len"], "speed": j["speed"],
+                         "ready": bool(j.get("ready")), "paused": bool(j.get("paused")),
+                         "io_status": j.get("io-status", "ok")})
+        return rows
 
     async def image_of(self, node_name: str) -> tuple[str, str]:
         """(file path, format) of a node that is a raw/qcow2 image on a local file.

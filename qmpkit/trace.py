@@ -24,9 +24,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["Sample", "Trace", "TRACE_FILES", "prepare_out_dir", "write_atomic"]
+__all__ = ["Sample", "Trace", "TRACE_FILES", "COPY_MODE_EVENT", "prepare_out_dir",
+           "write_atomic"]
 
 TRACE_FILES = ("trace.csv", "events.jsonl", "summary.json")
+#: qmpkit's own event in ``events.jsonl``: the copy mode of a running mirror was
+#: switched (``block-job-change``; ``--rescue-after`` does it by itself)
+COPY_MODE_EVENT = "QMPKIT_COPY_MODE_CHANGED"
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,9 @@ class Sample:
     is the count of the job's dirty bitmap (None when QEMU did not show it).
     ``remaining_bytes`` is ``total_progress - current_progress``: the dirty
     bytes plus the bytes in flight. ``throughput_bps`` is the copy rate over
-    the last half second.
+    the last half second. ``actively_synced`` is QEMU's own word (8.2 and
+    later; None where QEMU does not report it): the mirror copies in
+    write-blocking mode and source and target are in sync.
     """
 
     t_s: float
@@ -47,11 +53,12 @@ class Sample:
     total_progress: int
     remaining_bytes: int
     throughput_bps: float
+    actively_synced: bool | None = None
 
 
 _FIELDS = [f.name for f in fields(Sample)]
 _INT_FIELDS = {"dirty_bytes", "current_progress", "total_progress", "remaining_bytes"}
-_NULLABLE = {"dirty_bytes"}
+_NULLABLE = {"dirty_bytes", "actively_synced"}
 
 
 def _fmt(name: str, value: Any) -> str:
@@ -61,6 +68,8 @@ def _fmt(name: str, value: Any) -> str:
         return f"{value:.6f}"
     if name == "throughput_bps":
         return f"{value:.1f}"
+    if name == "actively_synced":
+        return "true" if value else "false"
     return str(value)
 
 
@@ -71,6 +80,10 @@ def _parse(name: str, text: str) -> Any:
         return int(text)
     if name in ("t_s", "throughput_bps"):
         return float(text)
+    if name == "actively_synced":
+        if text not in ("true", "false"):
+            raise ValueError(text)
+        return text == "true"
     return text
 
 
@@ -184,16 +197,19 @@ class Trace:
         try:
             with open(folder / name, newline="") as f:
                 rows = list(csv.reader(f))
-            if not rows or rows[0] != _FIELDS:
+            # a trace written before a column was added has a shorter header
+            if not rows or not rows[0] or rows[0] != _FIELDS[:len(rows[0])] \
+                    or len(rows[0]) < _FIELDS.index("throughput_bps") + 1:
                 raise ValueError(f"not a qmpkit trace (header {rows[0][:8] if rows else []})")
+            header = rows[0]
             if len(rows) == 1 and require_samples:
                 raise ValueError("no samples")
             samples = []
             for i, row in enumerate(rows[1:], 2):
-                if len(row) != len(_FIELDS):
-                    raise ValueError(f"line {i} has {len(row)} columns, not {len(_FIELDS)}")
+                if len(row) != len(header):
+                    raise ValueError(f"line {i} has {len(row)} columns, not {len(header)}")
                 try:
-                    values = {n: _parse(n, v) for n, v in zip(_FIELDS, row)}
+                    values = {n: _parse(n, v) for n, v in zip(header, row)}
                 except ValueError:
                     raise ValueError(f"line {i} holds a value that is not a number") from None
                 empty = [n for n, v in values.items() if v is None and n not in _NULLABLE]

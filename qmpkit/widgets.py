@@ -316,6 +316,10 @@ class MirrorPanel(_Panel):
                                           button_style="warning")
         self.complete_button = self._button("Complete", self.complete, disabled=True,
                                             button_style="success")
+        # shown only when this QEMU has block-job-change (8.2 and later)
+        self.rescue_button = self._button("Switch to write-blocking", self.switch_to_write_blocking,
+                                          disabled=True, button_style="info",
+                                          layout=W.Layout(display="none", width="auto"))
         self.speed_slider = W.IntSlider(value=0, min=0, max=1000, step=10,
                                         description="speed MiB/s (0 = unlimited)",
                                         style={"description_width": "200px"},
@@ -336,7 +340,7 @@ class MirrorPanel(_Panel):
             W.HBox([self.auto_finalize, self.auto_dismiss]),
             self.message,
             W.HBox([self.start_button, self.pause_button, self.cancel_button,
-                    self.complete_button]),
+                    self.complete_button, self.rescue_button]),
             self.speed_slider, self.status, self.out])
 
     @property
@@ -402,6 +406,8 @@ class MirrorPanel(_Panel):
             self.start_button.disabled = False
             raise
         self.run = run
+        caps = await self.qemu.client.capabilities()
+        self.rescue_button.layout.display = "" if caps.block_job_change else "none"
         self._watcher = asyncio.ensure_future(self._watch())
         for callback in self.started_callbacks:
             callback()
@@ -461,6 +467,14 @@ class MirrorPanel(_Panel):
             self.say(str(v), error=v.ok is False)
             self._update_status()
 
+    async def switch_to_write_blocking(self) -> None:
+        """Switch the running mirror to write-blocking (``block-job-change``, QEMU >=
+        8.2): the rescue for a mirror whose forecast says it cannot converge."""
+        assert self.run is not None, "start the mirror first"
+        await self._guard(self.run.change(copy_mode="write-blocking", reason="panel"))
+        self.say("switched to write-blocking: guest writes now go to both disks")
+        self._update_status()
+
     async def set_speed(self, mib_per_s: int) -> None:
         assert self.job is not None, "start the mirror first"
         await self._guard(self.job.set_speed(int(mib_per_s) * MiB))
@@ -519,6 +533,8 @@ class MirrorPanel(_Panel):
         st = self.job.state
         live = not st.finished
         self.complete_button.disabled = not (live and st.status == "ready")
+        self.rescue_button.disabled = not live or (self.run is not None
+                                                   and self.run.rescued_at is not None)
         self.pause_button.disabled = self.cancel_button.disabled = not live
         self.pause_button.description = "Resume" if st.status in ("paused", "standby") \
             else "Pause"

@@ -68,7 +68,8 @@ def test_dataframes():
     tr = make_trace(ready_at=3.0)
     df = tr.to_dataframe()
     assert list(df.columns) == ["t_s", "status", "dirty_bytes", "current_progress",
-                                "total_progress", "remaining_bytes", "throughput_bps"]
+                                "total_progress", "remaining_bytes", "throughput_bps",
+                                "actively_synced"]
     assert len(df) == 50 and df["current_progress"].is_monotonic_increasing
     assert list(tr.events_dataframe()["event"]) == ["JOB_STATUS_CHANGE", "BLOCK_JOB_READY"]
 
@@ -113,3 +114,20 @@ def test_rate_uses_the_window():
     samples = [s(i * 0.1, i * 100, 0) for i in range(11)]
     assert rate(samples, "current_progress", 0.5) == pytest.approx(1000.0)
     assert rate(samples[:1], "current_progress", 0.5) is None
+
+
+def test_a_trace_from_before_actively_synced_still_loads(tmp_path):
+    """QEMU 8.2's actively-synced became a column; older trace folders load as before."""
+    folder = make_trace(ready_at=3.0).save(tmp_path / "t")
+    lines = (folder / "trace.csv").read_text().splitlines()
+    (folder / "trace.csv").write_text("\n".join(",".join(l.split(",")[:-1]) for l in lines))
+    old = Trace.load(folder)
+    assert len(old.samples) == 50 and old.samples[0].actively_synced is None
+
+
+def test_actively_synced_round_trips(tmp_path):
+    from dataclasses import replace
+    tr = make_trace(ready_at=3.0)
+    tr.samples[-1] = replace(tr.samples[-1], actively_synced=True)
+    back = Trace.load(tr.save(tmp_path / "t"))
+    assert back.samples[-1].actively_synced is True and back.samples[0].actively_synced is None
