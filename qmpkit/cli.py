@@ -144,6 +144,15 @@ def add_setup_options(p: argparse.ArgumentParser) -> None:
                         "over NBD, like a disk on another host")
 
 
+def add_run_options(p: argparse.ArgumentParser, *,
+                    hz_help: str = "samples per second (default 10)") -> None:
+    """What every command that records runs on the embedded QEMU takes: the
+    sampling rate, the disks and the load."""
+    p.add_argument("--hz", type=_hz, default=10.0, metavar="N", help=hz_help)
+    add_setup_options(p)
+    add_load_options(p)
+
+
 def load_from_args(ns: argparse.Namespace) -> FioLoad | None:
     if ns.no_load:
         return None
@@ -264,11 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", type=Path, metavar="DIR",
                    help="record the job and write its trace folder (trace.csv, "
                         "events.jsonl, summary.json) and plots here")
-    m.add_argument("--hz", type=_hz, default=10.0, metavar="N",
-                   help="samples per second when recording (default 10; QEMU works in "
-                        "100 ms slices, so faster samples look saw-toothed)")
-    add_setup_options(m)
-    add_load_options(m)
+    add_run_options(m, hz_help="samples per second when recording (default 10; QEMU works "
+                               "in 100 ms slices, so faster samples look saw-toothed)")
 
     d = sub.add_parser(
         "demo", help="show why granularity matters, on the embedded QEMU",
@@ -283,10 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="wait this long for READY; a run past it counts as not converged "
                         "(default 20)")
-    d.add_argument("--hz", type=_hz, default=10.0, metavar="N",
-                   help="samples per second (default 10)")
-    add_setup_options(d)
-    add_load_options(d)
+    add_run_options(d)
 
     sw = sub.add_parser(
         "sweep", help="tune granularity and buf-size: a grid of mirrors, heatmaps, a pick",
@@ -321,10 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "of resuming it; a resume needs exactly the same settings")
     sw.add_argument("--seed", type=int, default=0, metavar="N",
                     help="shuffles the run order (default 0); the same seed, the same order")
-    sw.add_argument("--hz", type=_hz, default=10.0, metavar="N",
-                    help="samples per second (default 10)")
-    add_setup_options(sw)
-    add_load_options(sw)
+    add_run_options(sw)
 
     pl = sub.add_parser("plot", help="redraw or overlay saved traces",
                         description="Draw convergence.png, throughput.png (and latency.png "

@@ -20,7 +20,7 @@ from qemu.qmp.events import EventFilter
 
 from .errors import ArgumentError, QemuCommandError, QmpConnectionError, QmpTimeoutError
 
-__all__ = ["Client", "parse_address", "DEFAULT_COMMAND_TIMEOUT"]
+__all__ = ["Client", "parse_address", "event_matches", "DEFAULT_COMMAND_TIMEOUT"]
 
 #: seconds a QMP command may take before `Client.execute` gives up on it. QEMU
 #: answers in milliseconds; a drain under heavy I/O can take a few seconds.
@@ -57,6 +57,20 @@ def parse_address(address: str | tuple[str, int]) -> str | tuple[str, int]:
     if not 0 < port < 65536:
         raise ArgumentError("qmp", f"port must be in [1, 65535], got {port}")
     return (m.group("v6") or m.group("host"), port)
+
+
+def event_matches(event: Mapping[str, Any], name: str,
+                  match: Mapping[str, Any] | Callable[[Any], bool] | None) -> bool:
+    """Is ``event`` the event ``name`` whose ``data`` holds every field of
+    ``match`` (or for which the predicate ``match`` says True)?"""
+    if event.get("event") != name:
+        return False
+    if match is None:
+        return True
+    if callable(match):
+        return bool(match(event))
+    data = event.get("data", {})
+    return all(data.get(k) == v for k, v in match.items())
 
 
 def _none(_event: Any) -> bool:
@@ -234,12 +248,7 @@ class Client:
         :raise QmpConnectionError: the connection went while waiting.
         """
         def wanted(ev: Mapping[str, Any]) -> bool:
-            if match is None:
-                return True
-            if callable(match):
-                return bool(match(ev))
-            data = ev.get("data", {})
-            return all(data.get(k) == v for k, v in match.items())
+            return event_matches(ev, name, match)
 
         async def first() -> dict[str, Any]:
             with self.listener(name) as listener:

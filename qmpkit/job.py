@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping
 
 from qemu.qmp import EventListener
 
-from .client import Client
+from .client import Client, event_matches
 from .errors import JobFailedError, JobTimeoutError, QmpConnectionError
 
 __all__ = ["JobState", "Job", "JobEnd", "JOB_EVENTS", "TERMINAL"]
@@ -377,14 +377,7 @@ class Job:
         :raise JobTimeoutError: no such event within ``timeout`` seconds.
         """
         def matches(ev: dict[str, Any]) -> bool:
-            if ev["event"] != name:
-                return False
-            if match is None:
-                return True
-            if callable(match):
-                return bool(match(ev))
-            data = ev.get("data", {})
-            return all(data.get(k) == v for k, v in match.items())
+            return event_matches(ev, name, match)
 
         found: list[dict[str, Any]] = []
 

@@ -94,9 +94,14 @@ class Qemu:
         sources: dict[str, str] = {}
         try:
             from .nodes import graph_children
+            # a VM's disk is known by its drive id (vd0), not by its node (#block138)
+            drives = {b["inserted"]["node-name"]: b["device"]
+                      for b in await self.client.execute("query-block")
+                      if b.get("inserted") and b.get("device")}
             for j in await self.client.execute("query-block-jobs"):
                 edges = await graph_children(self.client, "block-job", j["device"])
-                sources[j["device"]] = edges.get("source", "")
+                node = edges.get("source", "")
+                sources[j["device"]] = drives.get(node, node)
         except QmpkitError:
             pass
         rows = []
