@@ -626,8 +626,11 @@ class MirrorRun:
                                  "source is untouched)", job_id=self.job_id,
                                  last_status=status)
         if verify and self.pause_guest_to_verify:
-            await self.qemu.client.execute("stop")
-            self._paused_guest = True
+            # pause only a guest that runs; a VM started with -S stays as it was
+            status = await self.qemu.client.execute("query-status")
+            if status.get("running"):
+                await self.qemu.client.execute("stop")
+                self._paused_guest = True
         try:
             end = await job.complete(timeout=timeout)
             self.completed = end is JobEnd.COMPLETED

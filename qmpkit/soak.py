@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import VerifyError
+from .errors import JobTimeoutError, VerifyError
+from .lifecycle import MirrorRun
 from .mirror import COPY_MODES
 from .session import Qemu
 from .units import format_size, parse_size
@@ -56,22 +57,22 @@ async def one_run(rng: random.Random, size: int, *, base_dir: Any = None) -> Soa
         fio = FioRunner(load, await qemu.nodes.export_nbd("src"), qemu.workdir / "fio")
         await fio.start()
         try:
-            job = await qemu.mirror(device="src", target="dst", **settings)
-            result = await fio.wait(timeout=600)       # the writer finishes while mirrored
-            await job.wait_ready(timeout=600)
-            await job.complete(timeout=600)
+            async with MirrorRun(qemu, device="src", target="dst", hz=None, **settings) as run:
+                await run.start()
+                result = await fio.wait(timeout=600)   # the writer finishes while mirrored
+                if await run.wait_ready(timeout=600) != "ready":
+                    raise JobTimeoutError(job_id=run.job_id, last_status=run.state.status,
+                                          waiting_for="become ready", timeout=600)
+                await run.complete(timeout=600, verify=True)
         finally:
             await fio.kill()
-        compare_ok = fio_ok = True
-        try:
-            await qemu.verify("src", "dst")
-        except VerifyError:
-            compare_ok = False
+        fio_ok = True
+        compare_ok = run.verification is not None and run.verification.ok is True
         try:
             await verify_image(qemu.workdir / "disk.raw", load)
         except VerifyError:
             fio_ok = False
-        copied = job.state.offset or 0
+        copied = run.state.offset or 0
     return SoakRun(settings={**settings, "load": load.describe()}, bytes_mirrored=copied,
                    bytes_written=result.write_bytes, compare_ok=compare_ok,
                    fio_verify_ok=fio_ok, seconds=time.monotonic() - t0)

@@ -71,13 +71,14 @@ class VM:
     runs, the block layer and QMP are live), its disks given with ``-drive``
     as an operator would, in a private temp dir. Stopped by its Popen handle."""
 
-    def __init__(self, workdir: Path, disks: list[Path], *, blockdev: bool = False) -> None:
+    def __init__(self, workdir: Path, disks: list[Path], *, blockdev: bool = False,
+                 paused: bool = True) -> None:
         import subprocess
         self.workdir = workdir
         self.qmp = workdir / "vm-qmp.sock"
         self.qmp2 = workdir / "vm-qmp2.sock"       # the second client: qmpkit's CLI
         argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-nodefaults",
-                "-display", "none", "-S",
+                "-display", "none", *(["-S"] if paused else []),
                 "-qmp", f"unix:{self.qmp},server=on,wait=off",
                 "-qmp", f"unix:{self.qmp2},server=on,wait=off"]
         for i, disk in enumerate(disks):
@@ -109,11 +110,12 @@ class VM:
 
 @pytest.fixture
 def vm_factory(tmp_path):
-    """Start VMs with ``vm_factory(disks, blockdev=False)``; all are killed after the test."""
+    """Start VMs with ``vm_factory(disks, blockdev=False, paused=True)`` (``paused=False``:
+    the CPUs run, SeaBIOS finds nothing to boot and waits); all are killed after the test."""
     vms: list[VM] = []
 
-    def start(disks: list[Path], *, blockdev: bool = False) -> VM:
-        vm = VM(tmp_path, disks, blockdev=blockdev)
+    def start(disks: list[Path], *, blockdev: bool = False, paused: bool = True) -> VM:
+        vm = VM(tmp_path, disks, blockdev=blockdev, paused=paused)
         vms.append(vm)
         return vm
 

@@ -340,3 +340,44 @@ async def test_the_trace_of_a_refused_pivot_says_why(chain, tmp_path):
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert summary["error"].startswith("refused to pivot: the target bare has no backing")
     assert summary["completed"] is not True
+
+
+@pytest.mark.parametrize("running", [True, False])
+async def test_pause_guest_to_verify_on_a_vm_restores_its_run_state(vm_factory, tmp_path,
+                                                                    running):
+    """A -blockdev VM: the guest is paused around the pivot and the compare, then runs
+    again; a VM that was stopped before (-S) is left stopped."""
+    disk = await create_image(tmp_path / "d.raw", SIZE, fill="mixed")
+    vm = vm_factory([disk], blockdev=True, paused=not running)
+    qemu = await vm.connect()
+    try:
+        assert (await qemu.client.execute("query-status"))["running"] is running
+        code, out, err = await run_cli("mirror", "--qmp", str(vm.qmp2), "--device", "disk0",
+                                       "--target-file", str(tmp_path / "n.raw"), "--create",
+                                       "--verify", "--pause-guest-to-verify")
+        assert code == 0, out + err
+        assert "verified: source and target hold the same data" in out
+        assert (await qemu.client.execute("query-status"))["running"] is running
+        blocks = {b["qdev"]: b["inserted"]["node-name"]
+                  for b in await qemu.client.execute("query-block")}
+        assert list(blocks.values()) == ["qmpkit-disk0"]
+    finally:
+        await qemu.close()
+
+
+async def test_the_mirror_panel_never_shows_a_false_mismatch(qemu, tmp_path):
+    """Complete with the load still writing: the panel says "cannot verify", not red."""
+    from qmpkit.widgets import MirrorPanel, WorkloadPanel
+    await qemu.nodes.add_image("src", SIZE, fill="mixed")
+    await qemu.nodes.add_image("dst", SIZE)
+    load = WorkloadPanel(qemu, rate="2M")
+    mirror = MirrorPanel(qemu)
+    mirror.granularity.value = "4K"
+    await mirror.start()
+    await load.start()                      # after Start: the order of the buttons is free
+    await mirror.wait_ready(timeout=60)
+    await mirror.complete()
+    await load.stop()
+    assert mirror.verified is None
+    assert "cannot verify" in mirror.message.value and "b00020" not in mirror.message.value
+    assert "NOT verified" not in mirror.status_text()
