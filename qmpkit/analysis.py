@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from .trace import Sample, Trace
 from .units import format_rate
 
-__all__ = ["rate", "Forecast", "forecast", "summarize", "SUMMARY_KEYS"]
+__all__ = ["rate", "Forecast", "forecast", "summarize", "report", "SUMMARY_KEYS"]
 
 SUMMARY_KEYS = ("time_to_ready_s", "converged", "completed", "verified", "bytes_copied",
                 "disk_bytes", "amplification", "mean_throughput_bps", "peak_dirty_bytes",
@@ -54,7 +54,15 @@ def rate(samples: Sequence[Sample], attr: str, window_s: float) -> float | None:
 
 @dataclass(frozen=True)
 class Forecast:
-    """The outlook of a running mirror; `text` says it in one line."""
+    """The outlook of a running mirror; `text` says it in one line.
+
+    ``verdict`` is one of ``ready``, ``paused``, ``measuring`` (not enough data
+    yet), ``converging`` (with an ETA: the work left shrank steadily over the
+    window), ``unsteady`` (it shrank, but not steadily enough for an ETA),
+    ``too close`` (the work left neither clearly shrinks nor grows) and ``not
+    converging`` (it grows). ``net_bps`` is how fast the work left shrinks
+    (negative: grows); the text compares exactly the rates it names.
+    """
 
     ready: bool
     converging: bool | None
@@ -62,17 +70,38 @@ class Forecast:
     copy_bps: float | None
     dirty_bps: float | None
     remaining_bytes: int
+    verdict: str = "measuring"
+    net_bps: float | None = None
+
+    @property
+    def short(self) -> str:
+        """The verdict in a few words, for a progress line."""
+        if self.verdict == "converging":
+            return f"READY in ~{self.eta_s:.0f} s"
+        if self.verdict == "not converging":
+            return f"not converging (+{format_rate(-(self.net_bps or 0))})"
+        return {"ready": "in sync", "paused": "paused", "measuring": "measuring",
+                "unsteady": "shrinking, no estimate yet",
+                "too close": "too close to call"}[self.verdict]
 
     @property
     def text(self) -> str:
-        if self.ready:
+        if self.verdict == "ready":
             return "READY: source and target are in sync"
-        if self.converging is None:
-            return "measuring..."
-        if self.converging:
+        if self.verdict == "paused":
+            return "paused"
+        if self.verdict == "measuring":
+            return "not enough data yet"
+        copy, dirty = format_rate(self.copy_bps or 0), format_rate(self.dirty_bps or 0)
+        if self.verdict == "converging":
             return f"READY in about {self.eta_s:.0f} s"
-        return (f"not converging: writes dirty {format_rate(self.dirty_bps or 0)}, "
-                f"the mirror copies {format_rate(self.copy_bps or 0)}")
+        if self.verdict == "unsteady":
+            return (f"the work left shrinks ({format_rate(self.net_bps or 0)}), but too "
+                    "unsteadily for an estimate")
+        if self.verdict == "too close":
+            return f"copies {copy} against {dirty} of new dirty data: too close to call"
+        return (f"not converging: {dirty} of new dirty data against {copy} copied; the work "
+                f"left grows by {format_rate(-(self.net_bps or 0))}")
 
 
 def forecast(samples: Sequence[Sample], *, ready: bool = False,
@@ -80,25 +109,39 @@ def forecast(samples: Sequence[Sample], *, ready: bool = False,
     """Forecast from the last ``window_s`` seconds of samples.
 
     A job that is not yet measured (less than half the window) is
-    ``converging=None``.
+    ``converging=None``. An ETA is given only when the work left shrank by a
+    clear margin (5% of the copy rate) in both halves of the window, at rates
+    within a factor of 2 of each other: a mirror that hovers near equilibrium
+    would otherwise be promised "READY in 13 s", then 15, then 130.
     """
     remaining = samples[-1].remaining_bytes if samples else 0
     if ready:
-        return Forecast(True, True, 0.0, None, None, remaining)
+        return Forecast(True, True, 0.0, None, None, remaining, "ready")
+    if samples and samples[-1].status in ("paused", "standby"):
+        return Forecast(False, None, None, None, None, remaining, "paused")
     if len(samples) < 2 or samples[-1].t_s - samples[0].t_s < window_s / 2:
-        return Forecast(False, None, None, None, None, remaining)
+        return Forecast(False, None, None, None, None, remaining, "measuring")
     copy = rate(samples, "current_progress", window_s) or 0.0
     dirty = rate(samples, "total_progress", window_s) or 0.0
     # How fast the work left shrinks: the least-squares slope over the window,
     # steadier than two end points when the job hovers near equilibrium.
     recent = [s for s in samples if s.t_s >= samples[-1].t_s - window_s]
     net = -_slope([s.t_s for s in recent], [s.remaining_bytes for s in recent])
-    # Converging only when the work shrinks by a clear margin: 5% of the copy rate.
-    # Near equilibrium (writes dirty about what is copied) the sign flips with
-    # noise, and an "ETA" of minutes that never arrives helps nobody.
-    if net > CONVERGING_MARGIN * max(copy, 1.0):
-        return Forecast(False, True, remaining / net, copy, dirty, remaining)
-    return Forecast(False, False, None, copy, dirty, remaining)
+    margin = CONVERGING_MARGIN * max(copy, 1.0)
+    if net > margin:
+        half = len(recent) // 2
+        first, second = recent[:half + 1], recent[half:]
+        nets = [-_slope([s.t_s for s in part], [s.remaining_bytes for s in part])
+                for part in (first, second) if len(part) >= 2]
+        steady = len(nets) == 2 and all(n > margin for n in nets) and \
+            max(nets) <= 2 * min(nets)
+        if steady:
+            return Forecast(False, True, remaining / net, copy, dirty, remaining,
+                            "converging", net)
+        return Forecast(False, True, None, copy, dirty, remaining, "unsteady", net)
+    if net >= -margin:
+        return Forecast(False, False, None, copy, dirty, remaining, "too close", net)
+    return Forecast(False, False, None, copy, dirty, remaining, "not converging", net)
 
 
 def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
@@ -139,4 +182,36 @@ def summarize(trace: Trace, *, completed: bool | None = None,
         "achieved_hz": (len(s) - 1) / span if span > 0 else None,
         "params": trace.meta.get("params", {}),
         "workload": trace.meta.get("workload"),
+    }
+
+
+def report(trace: Trace) -> dict[str, Any]:
+    """The end-of-run figures an operator reads, as plain data (fio-style): time to
+    READY and in all, bytes copied and amplification, mean and peak throughput,
+    peak dirty bytes, the guest's p50/p99 write latency when a load ran, and how
+    the run ended. Pure: from the trace alone."""
+    s, summary = trace.samples, trace.summary
+    end_t = max([x.t_s for x in s] + [float(e["t_s"]) for e in trace.events], default=0.0)
+    guest = summary.get("guest") or {}
+
+    def ms(key: str) -> float | None:
+        v = guest.get(key)
+        return v / 1000.0 if v is not None else None
+
+    return {
+        "job_id": trace.meta.get("job_id"),
+        "completed": summary.get("completed"),
+        "error": summary.get("error"),
+        "time_to_ready_s": summary.get("time_to_ready_s"),
+        "total_s": end_t,
+        "bytes_copied": summary.get("bytes_copied"),
+        "disk_bytes": summary.get("disk_bytes"),
+        "amplification": summary.get("amplification"),
+        "mean_throughput_bps": summary.get("mean_throughput_bps"),
+        "peak_throughput_bps": max((x.throughput_bps for x in s), default=None),
+        "peak_dirty_bytes": summary.get("peak_dirty_bytes"),
+        "error_events": summary.get("error_events", 0),
+        "guest_write_p50_ms": ms("write_p50_us"),
+        "guest_write_p99_ms": ms("write_p99_us"),
+        "verification": summary.get("verification"),
     }

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -25,10 +27,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 from . import __version__
+from .analysis import forecast, rate, report
 from .demo import run_demo, table_text, write_plots
 from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommandError,
                      QmpkitError)
-from .experiment import Setup, check_free_space, run_experiment
+from .experiment import Setup, check_free_space, hopeless, run_experiment
 from .lifecycle import MirrorRun
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, mirror_arguments
 from .session import Qemu
@@ -255,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(keep a point-in-time copy, no pivot) or leave it running")
     m.add_argument("--timeout", type=_positive_float("--timeout"), default=3600.0,
                    metavar="SECONDS", help="overall deadline in seconds, > 0 (default 3600)")
+    m.add_argument("--early-stop", type=float, default=10.0, metavar="SECONDS",
+                   help="without --qmp: stop (exit 3) once the forecast has said 'not "
+                        "converging' for this long, rather than run until --timeout on a "
+                        "setting that cannot converge (default 10; 0 = never)")
     m.add_argument("--rescue-after", type=_positive_float("--rescue-after"), metavar="SECONDS",
                    help="when the forecast has said 'not converging' for this long, switch the "
                         "running mirror to write-blocking, once (block-job-change, QEMU >= "
@@ -270,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pause-guest-to-verify", action="store_true",
                    help="with --verify on a VM: pause the guest (stop/cont) from just before "
                         "the pivot until the compare is done")
+    m.add_argument("--json", action="store_true",
+                   help="print the end-of-run figures as one JSON object on stdout (the "
+                        "progress and messages go to stderr)")
     m.add_argument("--out", type=Path, metavar="DIR",
                    help="record the job and write its trace folder (trace.csv, "
                         "events.jsonl, summary.json) and plots here")
@@ -285,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and prints time to READY, amplification and the guest's p99 latency.")
     d.add_argument("--out", type=Path, required=True, metavar="DIR",
                    help="where the traces and plots go")
+    d.add_argument("--json", action="store_true",
+                   help="print the table as a JSON list on stdout (messages go to stderr)")
     d.add_argument("--time-limit", type=_positive_float("--time-limit"), default=20.0,
                    metavar="SECONDS",
                    help="wait this long for READY; a run past it counts as not converged "
@@ -310,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated rates, or 'default' for unlimited")
     sw.add_argument("--repeat", type=int, default=3, metavar="N",
                     help="runs per configuration (default 3)")
+    sw.add_argument("--json", action="store_true",
+                    help="print the summary and the recommendation as JSON on stdout "
+                         "(progress goes to stderr)")
     sw.add_argument("--out", type=Path, required=True, metavar="DIR",
                     help="where runs, results and plots go (and where a sweep resumes)")
     sw.add_argument("--time-limit", type=_positive_float("--time-limit"), default=30.0,
@@ -336,10 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "several folders)")
 
     n = sub.add_parser("nodes", help="list the block nodes of a running QEMU",
-                       description="Show the named block nodes (node name, driver, size, "
-                                   "file) of the QEMU at --qmp.")
+                       description="Show the block nodes of the QEMU at --qmp: node name, "
+                                   "driver, size, the device that uses it, the block job that "
+                                   "holds it, the export that serves it, and its file.")
     n.add_argument("--qmp", required=True, metavar="ADDR",
                    help="QMP socket: a unix socket path or host:port")
+    n.add_argument("--json", action="store_true",
+                   help="print a JSON list of objects with the keys node, driver, size, "
+                        "file, device, job, export")
 
     js = sub.add_parser("jobs", help="list the block jobs of a running QEMU",
                         description="Every block job of the QEMU at --qmp: id, type, device, "
@@ -385,34 +404,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """A progress bar on a terminal; a plain line a second otherwise."""
+    """A progress line: redrawn in place on a terminal (clipped to its width, 80
+    columns at most), one plain line a second otherwise."""
 
-    def __init__(self, stream: TextIO, *, tty: bool | None = None) -> None:
+    def __init__(self, stream: TextIO, *, tty: bool | None = None,
+                 width: int | None = None) -> None:
         self.stream = stream
         self.tty = stream.isatty() if tty is None else tty
+        self.width = width or min(80, shutil.get_terminal_size((80, 24)).columns)
         self._last_line = 0.0
         self._last: tuple[float, int] | None = None
         self._drawn = False
 
     def update(self, status: str, current: int, total: int, note: str = "",
-               rate: float | None = None) -> None:
+               rate: float | None = None, *, t_s: float | None = None,
+               dirty: int | None = None, disk: int | None = None) -> None:
         now = time.monotonic()
         if rate is None:
             rate = 0.0
             if self._last is not None and now > self._last[0]:
                 rate = max(0.0, (current - self._last[1]) / (now - self._last[0]))
-        frac = current / total if total else 0.0
-        text = (f"{status:<9} {frac * 100:5.1f}%  {format_size(current)} / "
-                f"{format_size(total)}  {format_rate(rate)}" + (f"  {note}" if note else ""))
+        frac = min(1.0, current / total) if total else 0.0
+        phase = {"running": "copying", "ready": "in sync" if not dirty else "catching up",
+                 "paused": "paused", "standby": "paused"}.get(status, status)
+        # most telling first: a narrow terminal clips the end of the line
+        parts = [f"{t_s:.1f}s" if t_s is not None else "", phase, f"{frac * 100:.1f}%"]
+        if dirty is not None:
+            parts.append(f"dirty {format_size(dirty)}")
+        parts.append(format_rate(rate))
+        if note:
+            parts.append(note)
+        copied = f"{format_size(current)}/{format_size(total)}"
+        if disk and current > disk:
+            # QEMU's progress counts recopies too: say so rather than show more than the disk
+            copied += f" ({current / disk:.2f}x disk: recopies)"
+        parts.append(copied)
+        text = "  ".join(p for p in parts if p)
         if self.tty:
-            width = 30
-            fill = int(frac * width)
-            self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {text}\x1b[K")
+            bar = 10
+            fill = int(frac * bar)
+            line = f"[{'#' * fill}{'.' * (bar - fill)}] {text}"
+            self.stream.write("\r" + line[:self.width - 1] + "\x1b[K")
             self.stream.flush()
             self._drawn = True
             self._last = (now, current)
         elif now - self._last_line >= 1.0:
-            self.stream.write(text + "\n")
+            self.stream.write(text[:self.width] + "\n")
             self.stream.flush()
             self._last_line = now
             self._last = (now, current)
@@ -450,12 +487,15 @@ def _show(run: MirrorRun, progress: Progress) -> None:
     live = run.live()
     if live.ended is not None:
         return
-    note = "paused" if live.status in ("paused", "standby") else \
-        (live.forecast.text if live.forecast is not None else "")
+    note = live.forecast.short if live.forecast is not None else ""
     if live.stale_s > 3 * (1.0 / (run.hz or 1.0)) + 2.0:
         note = f"no answer from QEMU for {live.stale_s:.0f} s (is it stopped?)"
+    # 2 s of progress: QEMU copies in 100 ms slices, and a --speed cap lets a slice
+    # through now and then; a shorter window flickers between 0 and the buffer size
+    smooth = rate(run.recording.samples, "current_progress", 2.0)
     progress.update(live.status or "starting", live.current_bytes, live.total_bytes, note,
-                    rate=live.throughput_bps)
+                    rate=max(0.0, smooth) if smooth is not None else live.throughput_bps,
+                    t_s=live.t_s, dirty=live.dirty_bytes, disk=live.disk_bytes)
 
 
 class _EventLines:
@@ -504,9 +544,15 @@ async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
         rows = await qemu.nodes.table()
     finally:
         await qemu.close()
-    out.write(f"{'NODE':<24} {'DRIVER':<12} {'SIZE':>10}  FILE\n")
+    if ns.json:
+        out.write(json.dumps(rows, indent=2) + "\n")
+        return EXIT_OK
+    out.write(f"{'NODE':<24} {'DRIVER':<12} {'SIZE':>10}  {'DEVICE':<8} {'JOB':<18} "
+              f"{'EXPORT':<10} FILE\n")
     for r in rows:
-        out.write(f"{r['node']:<24} {r['driver']:<12} {format_size(r['size']):>10}  {r['file']}\n")
+        out.write(f"{r['node']:<24} {r['driver']:<12} {format_size(r['size']):>10}  "
+                  f"{r['device'] or '-':<8} {r['job'] or '-':<18} {r['export'] or '-':<10} "
+                  f"{r['file']}\n")
     return EXIT_OK
 
 
@@ -627,6 +673,8 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if until == "done" and ns.then == "leave":
         raise UsageError("--then leave cannot be combined with --until done")
     options = _mirror_options(ns)
+    if ns.json:
+        out = sys.stderr          # stdout carries the JSON report alone
     if ns.qmp is None:
         return await _cmd_mirror_embedded(ns, out, options)
     if ns.device is None or (ns.target is None and ns.target_file is None):
@@ -672,6 +720,12 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 progress.message(f"job {run.job_id} cancelled; the source is untouched")
             for problem in run.cleanup_errors:
                 err.write(f"qmpkit: cleanup: {_clip(problem)}\n")
+            if run.recording is not None and run.job is not None:
+                rep = report(run.trace())
+                if ns.json:
+                    sys.stdout.write(json.dumps(rep, indent=2) + "\n")
+                elif failure is None:
+                    progress.message(report_text(rep))
             if ns.out is not None and run.recording is not None:
                 if isinstance(failure, (KeyboardInterrupt, asyncio.CancelledError)):
                     # stopping fast matters more than pictures: plot them later
@@ -738,6 +792,29 @@ async def _drive_attached(ns: argparse.Namespace, run: MirrorRun, progress: Prog
     return EXIT_OK
 
 
+def report_text(rep: dict[str, Any]) -> str:
+    """The end-of-run report, a few aligned lines (like fio's)."""
+    def secs(v: Any) -> str:
+        return f"{v:.1f} s" if v is not None else "-"
+    lines = [f"  time        READY after {secs(rep['time_to_ready_s'])}, "
+             f"{secs(rep['total_s'])} in all"]
+    if rep["bytes_copied"] is not None:
+        amp = (f" (amplification {rep['amplification']:.2f}x of "
+               f"{format_size(rep['disk_bytes'])})" if rep.get("amplification") else "")
+        lines.append(f"  copied      {format_size(rep['bytes_copied'])}{amp}")
+    if rep["mean_throughput_bps"]:
+        lines.append(f"  throughput  mean {format_rate(rep['mean_throughput_bps'])}, peak "
+                     f"{format_rate(rep['peak_throughput_bps'] or 0)}")
+    if rep["peak_dirty_bytes"] is not None:
+        lines.append(f"  dirty       peak {format_size(rep['peak_dirty_bytes'])}")
+    if rep["guest_write_p99_ms"] is not None:
+        lines.append(f"  guest       write latency p50 {rep['guest_write_p50_ms']:.1f} ms, "
+                     f"p99 {rep['guest_write_p99_ms']:.1f} ms")
+    if rep["error_events"]:
+        lines.append(f"  I/O errors  {rep['error_events']}")
+    return "\n".join(lines)
+
+
 def _job_failed(exc: JobFailedError, progress: Progress) -> int:
     progress.message(f"qmpkit: {_clip(str(exc))}")
     for e in exc.errors[:3]:
@@ -779,6 +856,8 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
                          "--qmp (without it, qmpkit makes its own source and target)")
     if ns.then == "leave":
         raise UsageError("--then leave needs --qmp: the embedded QEMU stops when qmpkit exits")
+    if ns.early_stop < 0 or ns.early_stop != ns.early_stop:
+        raise UsageError(f"--early-stop: must be >= 0 seconds; got {ns.early_stop}")
     if ns.pause_guest_to_verify:
         raise UsageError("--pause-guest-to-verify needs --qmp of a VM: the embedded QEMU "
                          "has no guest (its write load is stopped before the pivot)")
@@ -792,6 +871,8 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
     try:
         result = await run_experiment(setup=setup, load=load, mirror=options,
                                       time_limit=ns.timeout, hz=ns.hz, out=ns.out,
+                                      give_up=hopeless(ns.early_stop) if ns.early_stop > 0
+                                      else None,
                                       on_start=on_start, max_errors=ns.max_errors or None,
                                       rescue_after=ns.rescue_after,
                                       command_timeout=ns.qmp_timeout)
@@ -803,9 +884,21 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
     if ns.out is not None:
         write_plots([result.trace], ns.out)
         progress.message(f"trace saved in {ns.out}")
+    rep = report(result.trace)
+    if ns.json:
+        sys.stdout.write(json.dumps(rep, indent=2) + "\n")
+    else:
+        progress.message(report_text(rep))
     if not result.converged:
-        progress.message(f"qmpkit: timeout: not READY within {ns.timeout:g} s; "
-                         f"{result.trace.summary.get('error') or 'the job was cancelled'}")
+        if result.extra.get("early_stopped"):
+            why = result.extra.get("early_stop_reason") or forecast(result.trace.samples).text
+            progress.message(f"qmpkit: stopped early: the forecast said '{why}' for "
+                             f"{ns.early_stop:g} s; the job was cancelled. Try --granularity "
+                             "4K (each small write then dirties less), or --copy-mode "
+                             "write-blocking")
+        else:
+            progress.message(f"qmpkit: timeout: not READY within {ns.timeout:g} s; "
+                             f"{result.trace.summary.get('error') or 'the job was cancelled'}")
         return EXIT_TIMEOUT
     progress.message(f"READY after {s['time_to_ready_s']:.1f} s, completed, "
                      f"{s.get('verification') or 'NOT verified'}; "
@@ -816,6 +909,8 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
 
 
 async def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
+    if ns.json:
+        out = sys.stderr
     setup, load = setup_from_args(ns), load_from_args(ns)
     _check_out(ns.out)
     progress = Progress(out)
@@ -829,6 +924,9 @@ async def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
         for task in watcher:
             task.cancel()
         progress.end()
+    if ns.json:
+        sys.stdout.write(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+        return EXIT_OK
     progress.message("")
     progress.message(table_text(rows, ns.time_limit))
     return EXIT_OK
@@ -853,6 +951,8 @@ def _list(text: str, option: str, parse: Any) -> list[Any]:
 async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
     from .mirror import check_granularity
     from .sweep import grid, run_sweep
+    if ns.json:
+        out = sys.stderr
 
     def copy_mode(v: str) -> str:
         if v not in COPY_MODES:
@@ -885,6 +985,11 @@ async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
         time_limit=ns.time_limit, seed=ns.seed, early_stop=ns.early_stop, hz=ns.hz,
         progress=progress, fresh=ns.fresh, latency_budget_us=budget_us))
     rec = result["recommendation"]
+    if ns.json:
+        summary = json.loads(result["summary"].to_json(orient="records"))
+        sys.stdout.write(json.dumps({"summary": summary, "recommendation": rec},
+                                    indent=2) + "\n")
+        return EXIT_OK
     out.write("\n" + sweep_table(result["summary"]) + "\n\n")
     if rec["chosen"] is None:
         out.write("no recommendation: " + "; ".join(rec["reasons"]) + "\n")

@@ -119,6 +119,7 @@ class LiveState:
     error_events: int
     last_error: dict[str, Any] | None
     stale_s: float          # seconds since the last sample (QEMU slow to answer)
+    disk_bytes: int | None  # the source's size: progress past it is recopies
 
 
 def hopeless(after_s: float = 3.0) -> Callable[[Recording], bool]:
@@ -467,7 +468,8 @@ class MirrorRun:
             throughput_bps=last.throughput_bps if last else 0.0,
             forecast=self.forecast(), error_events=st.error_count,
             last_error=st.recent_errors[-1] if st.recent_errors else None,
-            stale_s=(time.monotonic() - (self.started_at or 0.0) - last.t_s) if last else 0.0)
+            stale_s=(time.monotonic() - (self.started_at or 0.0) - last.t_s) if last else 0.0,
+            disk_bytes=self.meta.get("disk_bytes"))
 
     # -- control ---------------------------------------------------------------
 
@@ -500,6 +502,7 @@ class MirrorRun:
                         raise
                 if give_up is not None and self.recording is not None \
                         and give_up(self.recording):
+                    self.extra["early_stop_reason"] = self.recording.forecast().text
                     return "gave up"
                 await self._maybe_rescue()
         finally:

@@ -140,9 +140,49 @@ class BlockGraph:
         return await graph_children(self.client, "block-driver", node_name)
 
     async def table(self) -> list[dict[str, Any]]:
-        """The node graph as rows (node name, driver, size, file), for display."""
-        return [{"node": n.node_name, "driver": n.driver, "size": n.size, "file": n.file}
-                for n in await self.nodes()]
+        """The node graph as rows, for display: ``node``, ``driver``, ``size``,
+        ``file`` (a path, also for a filter whose own name is a ``json:`` string),
+        ``device`` (the drive id or qdev that uses the node), ``job`` (``JOB (role)``
+        of a block job that holds it) and ``export`` (the export id that serves it)."""
+        nodes = await self.nodes()
+        by_name = {n.node_name: n for n in nodes}
+        devices = {}
+        for b in await self.client.execute("query-block"):
+            ins = b.get("inserted")
+            if ins:
+                devices[ins["node-name"]] = b.get("device") or b.get("qdev", "")
+        exports: dict[str, str] = {}
+        try:
+            for e in await self.client.execute("query-block-exports"):
+                exports[e["node-name"]] = e["id"]
+        except QemuCommandError:
+            pass
+        jobs: dict[str, str] = {}
+        children: dict[str, str] = {}
+        try:
+            graph = await self.client.execute("x-debug-query-block-graph")
+            ids = {g["id"]: g for g in graph["nodes"]}
+            for e in graph["edges"]:
+                parent, child = ids[e["parent"]], ids[e["child"]]
+                if parent["type"] == "block-job":
+                    jobs.setdefault(child["name"], f"{parent['name']} ({e['name']})")
+                elif parent["type"] == "block-driver" and e["name"] == "file":
+                    children[parent["name"]] = child["name"]
+        except QemuCommandError:
+            pass
+
+        def path(n: NodeInfo) -> str:
+            seen = {n.node_name}
+            while n.file.startswith("json:") and children.get(n.node_name) in by_name:
+                n = by_name[children[n.node_name]]
+                if n.node_name in seen:
+                    break
+                seen.add(n.node_name)
+            return n.file
+
+        return [{"node": n.node_name, "driver": n.driver, "size": n.size, "file": path(n),
+                 "device": devices.get(n.node_name, ""), "job": jobs.get(n.node_name, ""),
+                 "export": exports.get(n.node_name, "")} for n in nodes]
 
     # -- adding nodes --------------------------------------------------------
 

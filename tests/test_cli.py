@@ -132,8 +132,25 @@ async def test_unreachable_qmp_exits_1(tmp_path):
 async def test_nodes_lists_the_graph(src):
     code, out, err = await run("nodes", "--qmp", qmp(src))
     assert code == 0, err
-    assert out.splitlines()[0].split() == ["NODE", "DRIVER", "SIZE", "FILE"]
+    assert out.splitlines()[0].split() == ["NODE", "DRIVER", "SIZE", "DEVICE", "JOB", "EXPORT",
+                                           "FILE"]
     assert any(line.split()[:4] == ["src", "raw", "32", "MiB"] for line in out.splitlines())
+
+
+async def test_nodes_shows_the_job_the_export_and_the_throttled_file(src, tmp_path):
+    import json
+    await src.nodes.add_image("disk", 32 * MiB, path=tmp_path / "disk.raw")
+    await src.nodes.add_throttled("dst", "disk", bps_write="1M")
+    await src.nodes.export_nbd("src")
+    job = await src.mirror(device="src", target="dst", job_id="m")
+    code, out, err = await run("nodes", "--qmp", qmp(src), "--json")
+    await job.cancel()
+    assert code == 0, err
+    rows = {r["node"]: r for r in json.loads(out)}
+    assert rows["dst"]["file"] == str(tmp_path / "disk.raw")    # not a json:{...} string
+    assert rows["dst"]["job"] == "m (target)" and rows["src"]["job"] == "m (source)"
+    filt = next(r for r in rows.values() if r["driver"] == "mirror_top")
+    assert filt["export"] == "exp-src"
 
 
 async def test_help_explains_every_option():
@@ -157,9 +174,75 @@ def test_progress_bar_on_a_terminal():
     p.update("running", 32 * MiB, 64 * MiB)
     p.end()
     text = buf.getvalue()
-    assert text.count("\r[") == 2 and "50.0%" in text and "32 MiB / 64 MiB" in text
+    assert text.count("\r[") == 2 and "50.0%" in text and "32 MiB/64 MiB" in text
     plain = io.StringIO()
     q = Progress(plain, tty=False)
     q.update("running", 1, 2)
     q.update("running", 2, 2)          # same second: no second line
     assert plain.getvalue().count("\n") == 1 and "\r" not in plain.getvalue()
+
+
+def test_the_progress_line_fits_80_columns_and_explains_recopies():
+    import io
+    from qmpkit.cli import Progress
+    buf = io.StringIO()
+    p = Progress(buf, tty=True, width=80)
+    p.update("running", 1380 * MiB, 1400 * MiB,
+             "not converging (+220 MiB/s) and a very long note that would wrap", rate=82 * MiB,
+             t_s=12.3, dirty=640 * MiB, disk=1024 * MiB)
+    line = buf.getvalue().split("\r")[-1].replace("\x1b[K", "")
+    assert len(line) <= 79
+    assert "12.3s  copying  98.6%  dirty 640 MiB  82 MiB/s  not converging" in line
+    wide = io.StringIO()
+    Progress(wide, tty=False, width=200).update("running", 1380 * MiB, 1400 * MiB,
+                                                disk=1024 * MiB)
+    assert "1.3 GiB/1.4 GiB (1.35x disk: recopies)" in wide.getvalue()
+    plain = io.StringIO()
+    Progress(plain, tty=False, width=80).update("ready", 10, 10, "in sync", rate=0, t_s=1,
+                                                dirty=0)
+    assert "in sync" in plain.getvalue() and len(plain.getvalue().rstrip("\n")) <= 80
+
+
+async def test_mirror_json_and_the_end_of_run_report(src, tmp_path):
+    import json
+    code, out, err = await run("mirror", "--qmp", qmp(src), "--device", "src",
+                               "--target-file", str(tmp_path / "n.raw"), "--create",
+                               "--json")
+    assert code == 0, err
+    rep = json.loads(out)                       # stdout holds the JSON alone
+    assert rep["completed"] is True and rep["bytes_copied"] >= 32 * MiB
+    assert rep["disk_bytes"] == 32 * MiB and rep["time_to_ready_s"] > 0
+    assert set(rep) >= {"amplification", "mean_throughput_bps", "peak_throughput_bps",
+                        "peak_dirty_bytes", "total_s", "guest_write_p99_ms"}
+    assert "READY: job src is in sync" in err   # the messages went to stderr
+    code, out, err = await run("mirror", "--qmp", qmp(src), "--device", "src",
+                               "--target-file", str(tmp_path / "m.raw"), "--create")
+    assert code == 0, err
+    assert "  time        READY after" in out and "  copied      32 MiB" in out
+
+
+async def test_sweep_and_demo_json(tmp_path):
+    import json
+    code, out, err = await run("sweep", "--granularity", "4K", "--buf-size", "1M",
+                               "--size", "8M", "--no-load", "--repeat", "1", "--json",
+                               "--out", str(tmp_path / "s"), timeout=300)
+    assert code == 0, err
+    data = json.loads(out)
+    assert {r["label"] for r in data["summary"]} >= {"granularity 4 KiB, buf-size 1 MiB, "
+                                                     "background"}
+    assert "granularity" in data["recommendation"]
+
+
+async def test_embedded_mirror_stops_early_on_a_setting_that_cannot_converge(tmp_path):
+    """64 KiB chunks under 4 KiB random writes into a slow target: the default
+    --early-stop ends it with the forecast's reason and a hint, long before --timeout."""
+    import time
+    t0 = time.monotonic()
+    code, out, err = await run("mirror", "--size", "64M", "--target-speed", "16M",
+                               "--load-rate", "4M", "--granularity", "64K",
+                               "--early-stop", "3", "--timeout", "120", timeout=120)
+    assert code == 3, out + err
+    assert "stopped early: the forecast said '" in out
+    assert "not converging" in out or "too close to call" in out
+    assert "Try --granularity 4K" in out
+    assert time.monotonic() - t0 < 60

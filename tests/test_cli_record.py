@@ -109,7 +109,7 @@ async def _start_embedded_mirror(tmp_path: Path, out: Path) -> asyncio.subproces
     while lines < 4:
         line = await asyncio.wait_for(proc.stdout.readline(), 60)
         assert line, (await proc.stderr.read()).decode()
-        lines += line.startswith(b"running")
+        lines += b" copying " in line
     return proc
 
 

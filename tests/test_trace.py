@@ -101,11 +101,42 @@ def test_forecast_not_converging_names_both_rates():
     samples = [s(i * 0.1, int(i * 10 * MiB), int(1000 * MiB + i * 32 * MiB)) for i in range(31)]
     f = forecast(samples)
     assert f.converging is False and f.eta_s is None
-    assert f.text == "not converging: writes dirty 320 MiB/s, the mirror copies 100 MiB/s"
+    assert f.text == ("not converging: 320 MiB/s of new dirty data against 100 MiB/s copied; "
+                      "the work left grows by 220 MiB/s")
+
+
+def test_forecast_near_equilibrium_says_too_close_never_a_contradiction():
+    """Issue #13: 'writes dirty 95 MiB/s, the mirror copies 100 MiB/s' must not be
+    called 'not converging'; the text says what it compares."""
+    samples = [s(i * 0.1, int(i * 10.03 * MiB), int(1000 * MiB + i * 9.53 * MiB))
+               for i in range(31)]
+    f = forecast(samples)
+    assert f.verdict == "too close" and f.eta_s is None
+    assert f.text == "copies 100.3 MiB/s against 95.3 MiB/s of new dirty data: too close to call"
+
+
+def test_forecast_gives_no_eta_when_the_shrink_rate_falls_away():
+    """A run that slows towards equilibrium is never promised READY in 13 s, 15, ... 130."""
+    samples, cur, tot = [], 0, 1000 * MiB
+    for i in range(31):
+        copy, dirty = 100 * MiB, (100 - 40 + i * 1.3) * MiB     # net falls from 40 to ~1
+        samples.append(s(i * 0.1, int(cur), int(tot)))
+        cur += copy * 0.1
+        tot += dirty * 0.1
+    f = forecast(samples)
+    assert f.verdict in ("unsteady", "too close") and f.eta_s is None
+    assert "READY in" not in f.text
+
+
+def test_forecast_of_a_paused_job():
+    from dataclasses import replace
+    samples = [replace(x, status="paused") for x in
+               [s(i * 0.1, int(i * MiB), 1000 * MiB) for i in range(31)]]
+    assert forecast(samples).text == "paused"
 
 
 def test_forecast_measuring_and_ready():
-    assert forecast([s(0, 0, 10)]).text == "measuring..."
+    assert forecast([s(0, 0, 10)]).text == "not enough data yet"
     assert forecast([s(0, 0, 10), s(0.5, 1, 10)], window_s=2).converging is None
     assert forecast([s(0, 0, 10)], ready=True).text.startswith("READY")
 
