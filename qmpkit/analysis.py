@@ -128,6 +128,16 @@ def forecast(samples: Sequence[Sample], *, ready: bool = False,
     recent = [s for s in samples if s.t_s >= samples[-1].t_s - window_s]
     net = -_slope([s.t_s for s in recent], [s.remaining_bytes for s in recent])
     margin = CONVERGING_MARGIN * max(copy, 1.0)
+    if dirty <= margin and remaining > 0:
+        # Nothing new is dirtied: the mirror converges for sure, at its long-run
+        # copy rate. A speed limit makes QEMU copy in bursts, so a short window may
+        # see no progress at all; the whole run so far is the better measure.
+        span = samples[-1].t_s - samples[0].t_s
+        long_copy = (samples[-1].current_progress - samples[0].current_progress) / span \
+            if span > 0 else 0.0
+        if long_copy > 0:
+            return Forecast(False, True, remaining / long_copy, copy, dirty, remaining,
+                            "converging", max(net, long_copy))
     if net > margin:
         half = len(recent) // 2
         first, second = recent[:half + 1], recent[half:]

@@ -716,7 +716,10 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             was_running = run.job is not None and not run.job.state.finished \
                 and run.phase.value == "running"
             await run.close(failure)
-            if was_running and run.job is not None and run.job.state.end is not None:
+            if failure is not None and run.completed:
+                progress.message(f"job {run.job_id} completed (pivoted to the target) before "
+                                 "the interruption; the verification did not finish")
+            elif was_running and run.job is not None and run.job.state.end is not None:
                 progress.message(f"job {run.job_id} cancelled; the source is untouched")
             for problem in run.cleanup_errors:
                 err.write(f"qmpkit: cleanup: {_clip(problem)}\n")

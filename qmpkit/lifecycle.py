@@ -191,6 +191,9 @@ class MirrorRun:
                                                  "raw image cannot have one")
         self.target_format = target_format
         if self.target_file is not None:
+            if self.target_file.is_dir():
+                raise ArgumentError("target_file", f"{str(self.target_file)!r} is a directory, "
+                                                   "not an image file")
             if create and (self.target_file.exists() or self.target_file.is_symlink()):
                 raise ArgumentError("target_file", f"{str(self.target_file)!r} exists; "
                                                    "drop create to use it")
@@ -231,6 +234,7 @@ class MirrorRun:
         self.extra: dict[str, Any] = {}           # more summary keys (guest stats...)
         self.fio_latency: list[tuple[float, float]] = []
         self.completed = False                    # pivoted onto the target
+        self.pivot_requested = False              # job-complete was sent
         self.point_in_time_copy = False           # cancelled in READY: a finished copy
         self.cleanup_errors: list[str] = []
         self._created_nodes: list[str] = []       # blockdev-add'ed here, in order
@@ -241,6 +245,7 @@ class MirrorRun:
         self._expected_backing: str | None = None
         self._paused_guest = False
         self._drive_mirror: dict[str, Any] | None = None    # sync=none into a new file
+        self._adopted: str | None = None           # attach(): a qmpkit-... target node
         self._event_callbacks: list[Callable[[dict[str, Any]], None]] = []
         self.started_at: float | None = None
 
@@ -266,6 +271,15 @@ class MirrorRun:
         self.device, self.target = "", None
         self.job = MirrorJob.watch(qemu.client, job_id, arguments={"job-id": job_id})
         await self.job.reattach(qemu.client)
+        # a target that an earlier qmpkit added (qmpkit-...) is adopted: if this run
+        # ends the job without a pivot, it removes that node too
+        try:
+            from .nodes import graph_children
+            target = (await graph_children(qemu.client, "block-job", job_id)).get("target")
+        except QemuCommandError:
+            target = None
+        if target and target.startswith("qmpkit-"):
+            self._adopted = target
         self.phase = RunPhase.LEFT        # never cancelled by close()
         self.started_at = time.monotonic()
         self.job.started_at = self.started_at
@@ -300,7 +314,11 @@ class MirrorRun:
         elif sync in ("top", "none"):
             self._expected_backing = await self._expected_backing_file(source.node_name, sync)
         self.arguments["target"] = self.target
-        self._files = await self._image_files()
+        if self._drive_mirror is not None:      # QEMU makes the node when the job starts
+            src = await self._image_files_of(self.device)
+            self._files = (src, (self._drive_mirror["target_path"], "qcow2")) if src else None
+        else:
+            self._files = await self._image_files()
         self.meta.setdefault("disk_bytes", source.size)
         self.meta.setdefault("qemu_version", ".".join(map(str, await self.qemu.client.version())))
         self.started_at = time.monotonic()
@@ -356,8 +374,12 @@ class MirrorRun:
     async def _open_target_file(self, source: str, size: int, driver: str, sync: str) -> None:
         assert self.target_file is not None
         graph = self.qemu.nodes
-        fmt = self.target_format or ("qcow2" if sync in ("top", "none")
-                                     else driver if driver in FORMATS else "raw")
+        suffix = self.target_file.suffix.lower()
+        by_name = "qcow2" if suffix == ".qcow2" else "raw" if suffix in (".raw", ".img") \
+            else None
+        fmt = self.target_format or ("qcow2" if sync in ("top", "none") else
+                                     by_name if self.create and by_name else
+                                     driver if driver in FORMATS else "raw")
         backing_node: str | None | bool = False          # False: as the image says
         if sync in ("top", "none"):
             if sync == "none":
@@ -383,8 +405,16 @@ class MirrorRun:
             await create_image(self.target_file, size, fmt=fmt, backing=backing_file,
                                backing_fmt=backing_fmt, mode=mode, exclusive=True,
                                allow_empty=True)
-        elif self._expected_backing is not None:
-            await self._check_header(self.target_file, self._expected_backing, sync)
+        else:
+            from .images import image_info
+            have = int((await image_info(self.target_file))["virtual-size"])
+            if have < size:
+                raise ArgumentError("target_file", f"{str(self.target_file)!r} holds "
+                                                   f"{format_size(have)} but the source holds "
+                                                   f"{format_size(size)}; the target must be "
+                                                   "at least as large")
+            if self._expected_backing is not None:
+                await self._check_header(self.target_file, self._expected_backing, sync)
         name = self.target_node_name or await graph.free_name("qmpkit", self.job_id)
         await graph.add_file(name, self.target_file, fmt=fmt,
                              backing=backing_node if fmt == "qcow2" else False)
@@ -426,6 +456,12 @@ class MirrorRun:
                                                f"sync={sync} needs {want!r}; create it with "
                                                f"qemu-img create -f qcow2 -b {want} (or use "
                                                "create=True)")
+
+    async def _image_files_of(self, node: str) -> tuple[str, str] | None:
+        try:
+            return await self.qemu.image_of(node)
+        except ArgumentError:
+            return None
 
     async def _image_files(self) -> tuple[tuple[str, str], tuple[str, str]] | None:
         """(path, format) of source and target, found now: after a pivot a
@@ -635,6 +671,10 @@ class MirrorRun:
                 await self.qemu.client.execute("stop")
                 self._paused_guest = True
         try:
+            # From here the pivot may happen even if we never hear of it (a QEMU that
+            # hangs and answers later): nothing this run made may be removed unless
+            # QEMU says the job ended without one.
+            self.pivot_requested = True
             end = await job.complete(timeout=timeout)
             self.completed = end is JobEnd.COMPLETED
             if end is not None:
@@ -820,11 +860,22 @@ class MirrorRun:
         if self.job is not None:
             with contextlib.suppress(Exception):
                 await self.job.abandon()
-        keep_nodes = left or self.completed
+        # job-complete sent, and QEMU never said how the job ended: the guest may be
+        # on the target (or soon be): keep it, and say so
+        pivot_unknown = self.pivot_requested and not self.completed and (
+            self.job is None or self.job.state.end is None)
+        if pivot_unknown:
+            self.cleanup_errors.append(
+                f"job-complete was sent but QEMU did not say how job {self.job_id} ended: "
+                f"the guest may run (or soon run) on the target, so it was kept")
+        keep_nodes = left or self.completed or pivot_unknown
+        if left and self._adopted and self.job is not None and \
+                self.job.state.end is not None and not self.completed:
+            await step(f"remove node {self._adopted}", self.qemu.nodes.delete(self._adopted))
         if not keep_nodes:
             for node in reversed(self._created_nodes):
                 await step(f"remove node {node}", self.qemu.nodes.delete(node))
-        finished_copy = self.completed or self.point_in_time_copy
+        finished_copy = self.completed or self.point_in_time_copy or pivot_unknown
         if not left and not finished_copy:
             for path in self._created_files:
                 try:

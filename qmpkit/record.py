@@ -34,7 +34,7 @@ from typing import Any
 
 from .analysis import Forecast, forecast, rate, summarize
 from .client import Client
-from .errors import ArgumentError, QemuCommandError, QmpkitError
+from .errors import ArgumentError, QemuCommandError, QmpkitError, QmpTimeoutError
 from .job import Job
 from .nodes import graph_children
 from .trace import Sample, Trace
@@ -103,6 +103,7 @@ class Recorder:
         self.recordings: list[Recording] = []
         self.error: BaseException | None = None
         self.ticks = 0
+        self.skipped = 0          # ticks lost to a QEMU that did not answer in time
         self._task: asyncio.Task[None] | None = None
 
     def add(self, job: Job, *, meta: dict[str, Any] | None = None) -> Recording:
@@ -157,7 +158,12 @@ class Recorder:
         next_t = loop.time()
         try:
             while True:
-                await self.sample()
+                try:
+                    await self.sample()
+                except QmpTimeoutError as exc:
+                    # QEMU is slow or stopped: skip the tick and go on; it may answer again
+                    log.info("sample skipped: %s", exc)
+                    self.skipped += 1
                 next_t += period
                 now = loop.time()
                 if next_t < now:          # fell behind: skip ticks, do not burst

@@ -47,7 +47,10 @@ _DESC = {"description_width": "140px"}
 
 
 def _text(description: str, value: str = "", placeholder: str = "") -> W.Text:
-    return W.Text(value=value, placeholder=placeholder, description=description, style=_DESC)
+    # wide enough that a placeholder ("default: 64K for raw (power of 2)") is not cut off
+    width = f"{max(300, 150 + 7 * len(placeholder))}px"
+    return W.Text(value=value, placeholder=placeholder, description=description, style=_DESC,
+                  layout=W.Layout(width=width))
 
 
 def _drop(description: str, options: Any, value: Any = None) -> W.Dropdown:
@@ -62,7 +65,11 @@ class _Panel:
 
     def __init__(self) -> None:
         self.out = W.Output(layout=W.Layout(max_height="160px", overflow="auto"))
+        # one status line; the full text of errors behind a closed "details" toggle
+        self.details = W.Accordion(children=[self.out], selected_index=None)
+        self.details.set_title(0, "details")
         self.message = W.HTML()
+        self._error_shown = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.last_task: asyncio.Task[Any] | None = None   # what the last click started
         try:
@@ -71,11 +78,21 @@ class _Panel:
             self._loop = None
         self.widget: W.Widget = W.VBox()
 
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-        display(self.widget)
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        """The live widget, and a readable text form for where widgets cannot
+        render (an untrusted notebook, nbval, a terminal): never ``VBox(children=...``."""
+        bundle = dict(self.widget._repr_mimebundle_(**kwargs) or {})
+        bundle["text/plain"] = self.text_form()
+        return bundle
+
+    def text_form(self) -> str:
+        return f"{type(self).__name__}: run this cell to get the live panel"
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
 
     def say(self, text: str, *, error: bool = False) -> None:
+        self._error_shown = bool(text) and error
         if not text:
             self.message.value = ""
             return
@@ -112,6 +129,7 @@ class _Panel:
             # A task's exception would vanish: show it in this panel.
             self.say(str(exc) if isinstance(exc, QmpkitError)
                      else f"{type(exc).__name__}: {exc}", error=True)
+            self.out.clear_output()
             self.out.append_stderr(f"{type(exc).__name__}: {exc}\n")
 
     def _button(self, label: str, action: Callable[[], Awaitable[Any]], **kw: Any) -> W.Button:
@@ -125,12 +143,16 @@ class _Panel:
         return b
 
     async def _guard(self, coro: Awaitable[Any]) -> Any:
-        """Run ``coro``; show a qmpkit error in the panel and re-raise it."""
+        """Run ``coro``; show a qmpkit error in the panel and re-raise it. An old
+        error goes away when the next action succeeds."""
         try:
-            return await coro
+            result = await coro
         except QmpkitError as exc:
             self.say(str(exc), error=True)
             raise
+        if self._error_shown:
+            self.say("")
+        return result
 
 
 def node_table_html(rows: list[dict[str, Any]]) -> str:
@@ -172,7 +194,18 @@ class TargetPanel(_Panel):
             W.HBox([self.size, self.fmt, self.fill]),
             W.HBox([self.kind, self.target_fmt]),
             W.HBox([self.limit, self.errno, self.once]),
-            self.uri, self.create_button, self.message, self.graph, self.out])
+            self.uri, self.create_button, self.message, self.graph, self.details])
+        self.kind.observe(lambda _c: self._show_fields(), names="value")
+        self._show_fields()
+
+    #: the fields each target kind uses (the others are hidden)
+    FIELDS = {"file": ("target_fmt",), "throttled": ("target_fmt", "limit"), "null": (),
+              "faulty": ("target_fmt", "errno", "once"), "nbd": ("uri",)}
+
+    def _show_fields(self) -> None:
+        wanted = self.FIELDS[self.kind.value]
+        for name in ("target_fmt", "limit", "errno", "once", "uri"):
+            getattr(self, name).layout.display = "" if name in wanted else "none"
 
     async def create(self) -> tuple[str, str]:
         """Create the source and the target as chosen; returns their node names.
@@ -237,7 +270,7 @@ class WorkloadPanel(_Panel):
         self.widget = W.VBox([W.HTML("<b>Guest-like write load (fio)</b>"),
                               W.HBox([self.rw, self.bs, self.rate]),
                               W.HBox([self.start_button, self.stop_button]), self.message,
-                              self.out])
+                              self.details])
 
     def load(self) -> FioLoad:
         return FioLoad(rw=self.rw.value, bs=self.bs.value, rate=self.rate.value,
@@ -341,7 +374,7 @@ class MirrorPanel(_Panel):
             self.message,
             W.HBox([self.start_button, self.pause_button, self.cancel_button,
                     self.complete_button, self.rescue_button]),
-            self.speed_slider, self.status, self.out])
+            self.speed_slider, self.status, self.details])
 
     @property
     def job(self) -> MirrorJob | None:
@@ -412,10 +445,11 @@ class MirrorPanel(_Panel):
         for callback in self.started_callbacks:
             callback()
         self.pause_button.disabled = self.cancel_button.disabled = False
-        if self.speed.value.strip():
-            self.speed_slider.unobserve(self._slider_moved, names="value")
-            self.speed_slider.value = min(1000, parse_rate(self.speed.value) // MiB)
-            self.speed_slider.observe(self._slider_moved, names="value")
+        # the slider shows the new job's speed, whatever the last job was left at
+        self.speed_slider.unobserve(self._slider_moved, names="value")
+        self.speed_slider.value = min(1000, parse_rate(self.speed.value) // MiB) \
+            if self.speed.value.strip() else 0
+        self.speed_slider.observe(self._slider_moved, names="value")
         self._update_status()
         return job
 
@@ -551,17 +585,19 @@ class Dashboard(_Panel):
     def __init__(self, mirror: MirrorPanel, *, fps: float = 2.0, folder: str = "traces/run") -> None:
         super().__init__()
         self.mirror, self.fps = mirror, fps
-        self.convergence = W.Image(format="png", layout=W.Layout(width="640px"))
-        self.throughput = W.Image(format="png", layout=W.Layout(width="640px"))
+        # hidden until the first frame: an empty Image shows a broken-image icon
+        self.convergence = W.Image(format="png", layout=W.Layout(width="640px", display="none"))
+        self.throughput = W.Image(format="png", layout=W.Layout(width="640px", display="none"))
+        self.waiting = W.HTML("<i>waiting for a job: press Start in the mirror panel</i>")
         self.folder = _text("save to", folder)
         self.save_button = self._button("Save trace", self.save)
         self.frames = 0
         self._drawn = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         mirror.started_callbacks.append(self.start)   # redraw from the moment it starts
-        self.widget = W.VBox([W.HTML("<b>Live dashboard</b>"), self.convergence,
+        self.widget = W.VBox([W.HTML("<b>Live dashboard</b>"), self.waiting, self.convergence,
                               self.throughput, W.HBox([self.folder, self.save_button]),
-                              self.message, self.out])
+                              self.message, self.details])
 
     def start(self) -> asyncio.Task[None]:
         """Redraw until the job ends (called when the mirror panel starts its job)."""
@@ -595,6 +631,9 @@ class Dashboard(_Panel):
         trace = rec.trace()
         self.convergence.value = _png(plots.convergence(trace))
         self.throughput.value = _png(plots.throughput(trace))
+        if self.frames == 0:
+            self.waiting.layout.display = "none"
+            self.convergence.layout.display = self.throughput.layout.display = ""
         self.frames += 1
         self._drawn.set()
         return True
@@ -636,11 +675,15 @@ class SweepPanel(_Panel):
         self.granularity = _text("granularity", granularity, "e.g. 4K,64K,1M or default")
         self.buf_size = _text("buf-size", buf_size, "e.g. 1M,16M or default")
         self.copy_mode = _text("copy-mode", copy_mode, "background,write-blocking")
-        self.repeat = W.BoundedIntText(value=repeat, min=1, max=20, description="repeat",
-                                       style=_DESC)
+        # a plain IntText: 0 is refused with a message, never silently clamped to 1
+        self.repeat = W.IntText(value=repeat, description="repeat", style=_DESC)
         self.size = _text("disk size", size)
-        self.target_speed = _text("target speed", target_speed, "per second")
-        self.load_rate = _text("load (4K randwrite)", load_rate, "per second")
+        self.fmt = _drop("format", ("raw", "qcow2"), "raw")
+        self.target_speed = _text("target speed (per s)", target_speed, "e.g. 100M; 0 = none")
+        self.remote = W.Checkbox(value=False, description="target over NBD (remote)")
+        self.load_rw = _drop("load pattern", RW_MODES, "randwrite")
+        self.load_bs = _text("load block size", "4K")
+        self.load_rate = _text("load rate (per s)", load_rate, "e.g. 20M; 0 = unlimited")
         self.time_limit = W.BoundedFloatText(value=time_limit, min=1, max=3600,
                                              description="time limit (s)", style=_DESC)
         self.budget = W.BoundedFloatText(value=latency_budget_ms, min=0.001, max=1e6,
@@ -657,14 +700,37 @@ class SweepPanel(_Panel):
         self.recommendation = W.HTML()
         self.heatmap = W.Image(format="png", layout=W.Layout(width="720px"))
         self.result: dict[str, Any] | None = None
+        self.estimate = W.HTML()
         self.widget = W.VBox([
             W.HTML("<b>Sweep</b>: granularity × buf-size (× copy-mode), fresh disks each run"),
             W.HBox([self.granularity, self.buf_size, self.copy_mode]),
-            W.HBox([self.repeat, self.size, self.target_speed]),
-            W.HBox([self.load_rate, self.time_limit, self.budget]),
-            W.HBox([self.early_stop, self.out_dir]), W.HBox([self.run_button, self.stop_button]),
+            W.HBox([self.repeat, self.size, self.fmt]),
+            W.HBox([self.target_speed, self.remote]),
+            W.HBox([self.load_rw, self.load_bs, self.load_rate]),
+            W.HBox([self.time_limit, self.budget, self.early_stop]),
+            self.out_dir, self.estimate, W.HBox([self.run_button, self.stop_button]),
             W.HBox([self.bar, self.progress_text]), self.message, self.recommendation,
-            self.heatmap, self.out])
+            self.heatmap, self.details])
+
+    def plan(self) -> tuple[list[Any], Any, Any, int]:
+        """(configs, setup, load, runs) from the fields; shows the estimated
+        duration. :raise ArgumentError: a bad value, naming the field."""
+        from .experiment import Setup
+        from .sweep import grid
+        if self.repeat.value < 1:
+            raise ArgumentError("repeat", f"must be >= 1; got {self.repeat.value}")
+        configs = grid(**self._lists())
+        setup = Setup(size=self.size.value, fmt=self.fmt.value,
+                      target_speed=parse_rate(self.target_speed.value, name="target_speed")
+                      or None, remote_target=self.remote.value)
+        load = FioLoad(rw=self.load_rw.value, bs=self.load_bs.value, rate=self.load_rate.value)
+        runs = (len(configs) + 1) * self.repeat.value
+        # each mirror lasts at most the time limit, plus about 5 s of set-up
+        worst = len(configs) * self.repeat.value * (self.time_limit.value + 5)
+        self.estimate.value = (f"{runs} runs ({len(configs)} configurations and the offline "
+                               f"copy, x{self.repeat.value}); at most about "
+                               f"{worst / 60:.0f} min")
+        return configs, setup, load, runs
 
     def _lists(self) -> dict[str, list[Any]]:
         def split(text: str) -> list[Any]:
@@ -679,11 +745,8 @@ class SweepPanel(_Panel):
         return await self._guard(self._run())
 
     async def _run(self) -> dict[str, Any]:
-        from .experiment import Setup
-        from .sweep import grid, run_sweep
-        configs = grid(**self._lists())
-        setup = Setup(size=self.size.value, target_speed=self.target_speed.value)
-        load = FioLoad(rate=self.load_rate.value)
+        from .sweep import run_sweep
+        configs, setup, load, _runs = self.plan()
 
         def progress(k: int, n: int, label: str, eta: float | None) -> None:
             self.bar.max, self.bar.value = n, k - 1

@@ -97,6 +97,12 @@ def test_live_mirror_notebook_in_chromium(lab, tmp_path):
                 " const k = w && w.sessionContext && w.sessionContext.session &&"
                 " w.sessionContext.session.kernel; return k && k.status === 'idle'; }",
                 timeout=60_000)
+            # Freshly opened, before any cell runs: no raw widget text, no dead widgets
+            # from the run that saved the notebook, just the panels' text form.
+            fresh = page.locator(".jp-Notebook").inner_text()
+            assert "VBox(" not in fresh and "Error displaying widget" not in fresh
+            assert "MirrorPanel: run this cell to get the live panel" in fresh
+            assert "ended: completed" not in fresh
             # Run every cell above the one that calls mirror.start(): the panels are built.
             index = page.evaluate(
                 "() => { const nb = window.jupyterapp.shell.currentWidget.content;"

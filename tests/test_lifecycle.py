@@ -189,3 +189,37 @@ async def test_bad_input_is_refused_before_anything_starts(src, tmp_path):
     with pytest.raises(ArgumentError, match="granularity"):
         MirrorRun(src, device="src", target="x", granularity=3000)
     assert await src.client.execute("query-jobs") == []
+
+
+async def test_a_pivot_whose_outcome_is_unknown_keeps_the_target(tmp_path):
+    """Found by review: job-complete sent to a QEMU that stopped answering; it runs the
+    pivot when it wakes. The created file must still be there (the guest runs on it)."""
+    import signal
+    from qmpkit import Qemu, QmpConnectionError
+    qemu = await Qemu.open(workdir=tmp_path)
+    try:
+        await qemu.nodes.add_image("src", SIZE, fill="mixed", path=tmp_path / "src.raw")
+        target = tmp_path / "new.raw"
+        run = MirrorRun(qemu, device="src", target_file=target, create=True)
+        await run.start()
+        await run.wait_ready(timeout=60)
+        qemu.client.command_timeout = 2
+        os.kill(qemu.daemon.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(QmpConnectionError):
+                await run.complete(timeout=5)
+            await run.close()
+        finally:
+            os.kill(qemu.daemon.pid, signal.SIGCONT)
+        assert target.exists()
+        assert any("the guest may run (or soon run) on the target" in e
+                   for e in run.cleanup_errors)
+        qemu.client.command_timeout = 30
+        for _ in range(300):                                 # QEMU runs the queued pivot
+            if await qemu.client.execute("query-jobs") == []:
+                break
+            await asyncio.sleep(0.1)
+        assert await qemu.client.execute("query-jobs") == []
+        assert "qmpkit-src" in await node_names(qemu)
+    finally:
+        await qemu.close()

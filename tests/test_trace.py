@@ -162,3 +162,17 @@ def test_actively_synced_round_trips(tmp_path):
     tr.samples[-1] = replace(tr.samples[-1], actively_synced=True)
     back = Trace.load(tr.save(tmp_path / "t"))
     assert back.samples[-1].actively_synced is True and back.samples[0].actively_synced is None
+
+
+def test_forecast_of_a_speed_limited_mirror_on_a_quiet_disk():
+    """--speed makes QEMU copy in bursts: 3 s without progress are no reason to say
+    'not converging: writes dirty 0 B/s, the mirror copies 0 B/s'."""
+    samples = []
+    for i in range(100):                       # 10 s: 16 MiB at once, then 8 MiB every 4 s
+        t = i * 0.1
+        cur = 16 * MiB + 8 * MiB * int(t // 4)
+        samples.append(s(t, cur, 64 * MiB))
+    f = forecast(samples)
+    assert f.verdict == "converging" and "not converging" not in f.text
+    long_rate = (samples[-1].current_progress - samples[0].current_progress) / 9.9
+    assert f.eta_s == pytest.approx((64 * MiB - samples[-1].current_progress) / long_rate)

@@ -162,3 +162,17 @@ async def test_the_mirror_panel_offers_the_switch_only_where_qemu_has_it(qemu):
     else:
         assert panel.rescue_button.layout.display == "none"
     await panel.cancel()
+
+
+async def test_job_cancel_after_leave_removes_the_node_an_earlier_qmpkit_added(qemu, tmp_path):
+    await qemu.nodes.add_image("src", 16 * MiB, fill="mixed")
+    code, out, err = await run_cli("mirror", "--qmp", qmp(qemu), "--device", "src",
+                                   "--target-file", str(tmp_path / "n.raw"), "--create",
+                                   "--then", "leave")
+    assert code == 0, out + err
+    assert "qmpkit-src" in {n.node_name for n in await qemu.nodes.nodes()}
+    code, out, err = await run_cli("job", "cancel", "--qmp", qmp(qemu), "src")
+    assert code == 0 and "ended with a point-in-time copy" in out, out + err
+    names = {n.node_name for n in await qemu.nodes.nodes()}
+    assert "qmpkit-src" not in names and "qmpkit-src-file" not in names
+    assert (tmp_path / "n.raw").exists()                    # the copy stays
