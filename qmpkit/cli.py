@@ -809,7 +809,8 @@ def report_text(rep: dict[str, Any]) -> str:
         lines.append(f"  throughput  mean {format_rate(rep['mean_throughput_bps'])}, peak "
                      f"{format_rate(rep['peak_throughput_bps'] or 0)}")
     if rep["peak_dirty_bytes"] is not None:
-        lines.append(f"  dirty       peak {format_size(rep['peak_dirty_bytes'])}")
+        lines.append(f"  dirty       peak {format_size(rep['peak_dirty_bytes'])} (not yet "
+                     "copied, or written again)")
     if rep["guest_write_p99_ms"] is not None:
         lines.append(f"  guest       write latency p50 {rep['guest_write_p50_ms']:.1f} ms, "
                      f"p99 {rep['guest_write_p99_ms']:.1f} ms")

@@ -199,7 +199,7 @@ class MirrorRun:
                                                    "drop create to use it")
             if not create and not self.target_file.exists():
                 raise ArgumentError("target_file", f"{str(self.target_file)!r} does not "
-                                                   "exist; create it (create=True)")
+                                                   "exist; add --create (create=True) to make it")
         self.target_node_name = target_node_name
         # every mirror argument is checked now, with the target's final name unknown
         self.arguments = mirror_arguments(device=device, target=target or "qmpkit-target",
@@ -430,7 +430,7 @@ class MirrorRun:
         if not self.create:
             raise ArgumentError("target_file", "sync=none into an existing file cannot get the "
                                                "source as its backing node while the guest "
-                                               "writes; use create=True (--create), and QEMU "
+                                               "writes; use --create (create=True), and QEMU "
                                                "attaches it at the pivot as drive-mirror does")
         if fmt != "qcow2":
             raise ArgumentError("target_format", "sync=none needs a qcow2 target")
@@ -455,7 +455,7 @@ class MirrorRun:
             raise ArgumentError("target_file", f"{str(path)!r} has backing file {got!r}, but "
                                                f"sync={sync} needs {want!r}; create it with "
                                                f"qemu-img create -f qcow2 -b {want} (or use "
-                                               "create=True)")
+                                               "--create)")
 
     async def _image_files_of(self, node: str) -> tuple[str, str] | None:
         try:
