@@ -34,3 +34,19 @@ def test_import_is_light_and_starts_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={"PATH": "/usr/bin:/bin"}).stdout
     assert out.strip() == "[] 1"
+
+
+def test_the_faces_leave_the_mirror_lifecycle_to_MirrorRun():
+    """Issue #17: cli.py and widgets.py turn options into calls and state into text or
+    widgets; they never reach the QMP client, the job, images or the daemon, and never
+    build a Recorder themselves."""
+    import ast
+    from pathlib import Path
+    pkg = Path(qmpkit.__file__).parent
+    for face in ("cli.py", "widgets.py"):
+        tree = ast.parse((pkg / face).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & {"client", "job", "images", "daemon"}, (face, imported)
+        calls = {n.func.id for n in ast.walk(tree)
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+        assert "Recorder" not in calls and "start_mirror" not in calls, face
