@@ -34,6 +34,7 @@ from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommand
 from .experiment import Setup, check_free_space, hopeless, run_experiment
 from .lifecycle import MirrorRun
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, mirror_arguments
+from .nodes import AIO_MODES, DETECT_ZEROES
 from .session import Qemu
 from .trace import Trace, prepare_out_dir
 from .units import format_rate, format_size, parse_rate, parse_size
@@ -220,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target-node-name", "--target-node", dest="target_node_name",
                    metavar="NAME",
                    help="node name for --target-file (default: qmpkit-JOBID, unique)")
+    tg = m.add_argument_group("node options of --target-file (set on the node qmpkit opens)")
+    tg.add_argument("--target-aio", choices=AIO_MODES,
+                    help="threads (QEMU's default), native (needs --target-cache-direct on) "
+                         "or io_uring")
+    tg.add_argument("--target-cache-direct", choices=("on", "off"),
+                    help="on: O_DIRECT, no page cache (default off)")
+    tg.add_argument("--target-cache-no-flush", choices=("on", "off"),
+                    help="on: ignore flushes (fast, unsafe on a host crash; default off)")
+    tg.add_argument("--target-detect-zeroes", choices=DETECT_ZEROES,
+                    help="off (default), on, or unmap (also sets discard=unmap)")
+    tg.add_argument("--target-preallocation", choices=("off", "falloc", "full", "metadata"),
+                    help="with --create: qemu-img's preallocation (metadata: qcow2 only)")
     m.add_argument("--job-id", metavar="ID",
                    help="job id (default: the device name, or mirror-blockN for #blockN)")
     m.add_argument("--sync", choices=SYNC_MODES, default="full",
@@ -648,9 +661,35 @@ def _mirror_options(ns: argparse.Namespace) -> dict[str, Any]:
                 auto_dismiss=False if ns.no_auto_dismiss else None)
 
 
+def _target_options(ns: argparse.Namespace) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if ns.target_aio:
+        opts["aio"] = ns.target_aio
+    if ns.target_cache_direct:
+        opts["cache_direct"] = ns.target_cache_direct == "on"
+    if ns.target_cache_no_flush:
+        opts["cache_no_flush"] = ns.target_cache_no_flush == "on"
+    if ns.target_detect_zeroes:
+        opts["detect_zeroes"] = ns.target_detect_zeroes
+        if ns.target_detect_zeroes == "unmap":
+            opts["discard"] = "unmap"
+    if ns.target_preallocation:
+        opts["preallocation"] = ns.target_preallocation
+    if opts and ns.target_file is None:
+        raise UsageError("--target-aio, --target-cache-*, --target-detect-zeroes and "
+                         "--target-preallocation need --target-file")
+    return opts
+
+
+#: API argument names that the command line spells with a prefix
+_CLI_NAMES = {"aio": "target_aio", "detect_zeroes": "target_detect_zeroes",
+              "preallocation": "target_preallocation", "target_options": "target_file"}
+
+
 def _usage(exc: ArgumentError) -> UsageError:
     """An `ArgumentError` as the command line names it (``--buf-size: ...``)."""
-    return UsageError(f"--{exc.argument.replace('_', '-')}: {str(exc).split(': ', 1)[1]}")
+    name = _CLI_NAMES.get(exc.argument, exc.argument)
+    return UsageError(f"--{name.replace('_', '-')}: {str(exc).split(': ', 1)[1]}")
 
 
 def _check_mirror_options(device: str, target: str, options: dict[str, Any]) -> None:
@@ -673,6 +712,7 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if until == "done" and ns.then == "leave":
         raise UsageError("--then leave cannot be combined with --until done")
     options = _mirror_options(ns)
+    _target_options(ns)           # --target-* options need --target-file
     if ns.json:
         out = sys.stderr          # stdout carries the JSON report alone
     if ns.qmp is None:
@@ -697,7 +737,8 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                             target_node_name=ns.target_node_name, hz=ns.hz, out=ns.out,
                             pause_guest_to_verify=ns.pause_guest_to_verify,
                             max_errors=ns.max_errors or None,
-                            rescue_after=ns.rescue_after, meta={"qmp": ns.qmp, "workload": None,
+                            rescue_after=ns.rescue_after, target_options=_target_options(ns),
+                            meta={"qmp": ns.qmp, "workload": None,
                                   "workload_text": f"attached to {ns.qmp}; the load is "
                                                    "whatever writes there"},
                             **options)

@@ -26,6 +26,7 @@ __all__ = ["FORMATS", "create_image", "fill_image", "image_info", "image_map",
 log = logging.getLogger(__name__)
 
 FORMATS = ("raw", "qcow2")
+PREALLOCATION = ("off", "falloc", "full")
 _FILL_CHUNK = 1 << 20
 _IO_BATCH = 2048  # qemu-io commands per process
 
@@ -80,7 +81,8 @@ async def create_image(path: os.PathLike[str] | str, size: int | str, *, fmt: st
                        backing_fmt: str | None = None,
                        fill: int | Literal["mixed"] | None = None,
                        cluster_size: int | str | None = None, mode: int = 0o600,
-                       exclusive: bool = False, allow_empty: bool = False) -> Path:
+                       exclusive: bool = False, allow_empty: bool = False,
+                       preallocation: str | None = None) -> Path:
     """Create an image with ``qemu-img create``, optionally filled with data.
 
     :param size: virtual size (``"1G"``, bytes, ...). Must be > 0 (or 0 with
@@ -92,6 +94,8 @@ async def create_image(path: os.PathLike[str] | str, size: int | str, *, fmt: st
         private as the disk). The file is made before qemu-img writes it,
         without following a symlink.
     :param exclusive: refuse a path that already exists.
+    :param preallocation: qemu-img's ``preallocation``: ``off``, ``falloc``, ``full``
+        (and ``metadata`` for qcow2).
     :raise ArgumentError: bad size, format or fill, or ``exclusive`` and the path exists.
     :raise ToolError: qemu-img or qemu-io failed.
     """
@@ -106,6 +110,16 @@ async def create_image(path: os.PathLike[str] | str, size: int | str, *, fmt: st
         if fmt != "qcow2":
             raise ArgumentError("cluster_size", "only qcow2 images have clusters")
         argv += ["-o", f"cluster_size={parse_size(cluster_size, name='cluster_size')}"]
+    if preallocation is not None:
+        allowed = PREALLOCATION + (("metadata",) if fmt == "qcow2" else ())
+        if preallocation not in allowed:
+            raise ArgumentError("preallocation", f"must be one of {', '.join(allowed)} for "
+                                                 f"{fmt}; got {preallocation!r}")
+        if backing is not None and preallocation in ("falloc", "full"):
+            raise ArgumentError("preallocation", "a qcow2 image with a backing file cannot be "
+                                                 f"preallocated ({preallocation}): its data "
+                                                 "must come from the backing file")
+        argv += ["-o", f"preallocation={preallocation}"]
     if backing is not None:
         if fmt != "qcow2":
             raise ArgumentError("backing", "only a qcow2 image can have a backing file")

@@ -58,6 +58,7 @@ from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommand
 from .images import FORMATS, compare_images, create_image
 from .job import JobEnd, JobState
 from .mirror import MirrorJob, mirror_arguments, start_drive_mirror, start_mirror
+from .nodes import check_node_options
 from .record import Recorder, Recording, checkpoint
 from .session import FILTERS, Qemu
 from .trace import COPY_MODE_EVENT, Trace, prepare_out_dir
@@ -155,6 +156,9 @@ class MirrorRun:
         pivot so that the copy can be verified while the guest is quiet.
     :param max_errors: cancel the job once QEMU has reported more I/O errors than
         this (``on-*-error=ignore`` on a full disk retries thousands of times a second).
+    :param target_options: node options of a ``target_file``: ``aio``,
+        ``cache_direct``, ``cache_no_flush``, ``detect_zeroes``, ``discard``, and
+        with ``create`` also ``preallocation`` (see `BlockGraph.add_file`).
     :param rescue_after: when the forecast has said "not converging" for this many
         seconds, switch the job to write-blocking, once (QEMU >= 8.2).
     :param mirror: `mirror_arguments` keywords (granularity, buf_size, sync...).
@@ -167,7 +171,7 @@ class MirrorRun:
                  hz: float | None = 10.0, out: os.PathLike[str] | str | None = None,
                  meta: dict[str, Any] | None = None, pause_guest_to_verify: bool = False,
                  max_errors: int | None = None, rescue_after: float | None = None,
-                 **mirror: Any) -> None:
+                 target_options: dict[str, Any] | None = None, **mirror: Any) -> None:
         self.qemu = qemu
         self.device = device
         self.options = dict(mirror)
@@ -201,6 +205,21 @@ class MirrorRun:
                 raise ArgumentError("target_file", f"{str(self.target_file)!r} does not "
                                                    "exist; add --create (create=True) to make it")
         self.target_node_name = target_node_name
+        self.target_options = dict(target_options or {})
+        if self.target_options and self.target_file is None:
+            raise ArgumentError("target_options", "apply to a target_file only (a node given "
+                                                  "by name was opened by whoever added it)")
+        unknown = set(self.target_options) - {"aio", "cache_direct", "cache_no_flush",
+                                               "detect_zeroes", "discard", "preallocation"}
+        if unknown:
+            raise ArgumentError("target_options", f"unknown: {', '.join(sorted(unknown))}")
+        if "preallocation" in self.target_options and not create:
+            raise ArgumentError("preallocation", "applies only to a file that create=True "
+                                                 "(--create) makes")
+        check_node_options(aio=self.target_options.get("aio"),
+                           cache_direct=bool(self.target_options.get("cache_direct")),
+                           detect_zeroes=self.target_options.get("detect_zeroes"),
+                           discard=self.target_options.get("discard"))
         # every mirror argument is checked now, with the target's final name unknown
         self.arguments = mirror_arguments(device=device, target=target or "qmpkit-target",
                                           **self.options)
@@ -404,7 +423,8 @@ class MirrorRun:
             self._created_files.append(self.target_file)
             await create_image(self.target_file, size, fmt=fmt, backing=backing_file,
                                backing_fmt=backing_fmt, mode=mode, exclusive=True,
-                               allow_empty=True)
+                               allow_empty=True,
+                               preallocation=self.target_options.get("preallocation"))
         else:
             from .images import image_info
             have = int((await image_info(self.target_file))["virtual-size"])
@@ -416,8 +436,9 @@ class MirrorRun:
             if self._expected_backing is not None:
                 await self._check_header(self.target_file, self._expected_backing, sync)
         name = self.target_node_name or await graph.free_name("qmpkit", self.job_id)
+        node_options = {k: v for k, v in self.target_options.items() if k != "preallocation"}
         await graph.add_file(name, self.target_file, fmt=fmt,
-                             backing=backing_node if fmt == "qcow2" else False)
+                             backing=backing_node if fmt == "qcow2" else False, **node_options)
         self._created_nodes.append(name)
         self.target = name
 

@@ -36,7 +36,8 @@ from .images import FORMATS, create_image
 from .names import NODE_NAME_MAX, check_new_node_name, check_node_ref, derived_name
 from .units import parse_rate, parse_size
 
-__all__ = ["BlockGraph", "NodeInfo", "ERRNO", "parse_nbd_uri", "graph_children"]
+__all__ = ["BlockGraph", "NodeInfo", "ERRNO", "parse_nbd_uri", "graph_children",
+           "check_node_options", "AIO_MODES", "DETECT_ZEROES"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,31 @@ def parse_nbd_uri(uri: str) -> tuple[dict[str, Any], str]:
         return {"type": "inet", "host": u.hostname, "port": str(u.port or 10809)}, export
     raise ArgumentError("uri", "expected nbd://HOST[:PORT]/EXPORT or "
                                f"nbd+unix:///EXPORT?socket=PATH; got {uri!r}")
+
+
+AIO_MODES = ("threads", "native", "io_uring")
+DETECT_ZEROES = ("off", "on", "unmap")
+
+
+def check_node_options(*, aio: str | None = None, cache_direct: bool = False,
+                       detect_zeroes: str | None = None, discard: str | None = None) -> None:
+    """Refuse, before QEMU is asked, the node options QEMU refuses, with its reason.
+
+    :raise ArgumentError: naming the option.
+    """
+    if aio is not None and aio not in AIO_MODES:
+        raise ArgumentError("aio", f"must be one of {', '.join(AIO_MODES)}; got {aio!r}")
+    if aio == "native" and not cache_direct:
+        raise ArgumentError("aio", "aio=native needs cache.direct=on (QEMU refuses it "
+                                   "otherwise: Linux native AIO is only asynchronous with "
+                                   "O_DIRECT)")
+    if detect_zeroes is not None and detect_zeroes not in DETECT_ZEROES:
+        raise ArgumentError("detect_zeroes", f"must be one of {', '.join(DETECT_ZEROES)}; "
+                                             f"got {detect_zeroes!r}")
+    if detect_zeroes == "unmap" and discard != "unmap":
+        raise ArgumentError("detect_zeroes", "detect-zeroes=unmap needs discard=unmap (QEMU "
+                                             "refuses it otherwise: zeroes are unmapped by "
+                                             "discarding)")
 
 
 async def graph_children(client: Client, parent_type: str, parent: str) -> dict[str, str]:
@@ -196,14 +222,24 @@ class BlockGraph:
                        aio: Literal["threads", "native", "io_uring"] | None = None,
                        cache_direct: bool = False,
                        backing: str | None | Literal[False] = False,
-                       discard: Literal["ignore", "unmap"] | None = None) -> str:
+                       discard: Literal["ignore", "unmap"] | None = None,
+                       cache_no_flush: bool = False,
+                       detect_zeroes: Literal["off", "on", "unmap"] | None = None) -> str:
         """Open an existing image as ``node_name`` (format node over ``NAME-file``).
 
         :param backing: for qcow2, the node to use as backing (``None`` means
             no backing); by default QEMU opens the backing file the image names.
         :param discard: ``unmap`` passes discards down to the file (QEMU's default
             is ``ignore``).
+        :param aio: ``threads`` (QEMU's default), ``native`` (needs
+            ``cache_direct``) or ``io_uring``.
+        :param cache_direct: open with O_DIRECT (``cache.direct=on``): no page cache.
+        :param cache_no_flush: ignore flushes (``cache.no-flush=on``): fast, unsafe.
+        :param detect_zeroes: ``off``, ``on`` or ``unmap`` (needs ``discard="unmap"``).
+        :raise ArgumentError: a combination QEMU refuses, with QEMU's reason.
         """
+        check_node_options(aio=aio, cache_direct=cache_direct, detect_zeroes=detect_zeroes,
+                           discard=discard)
         self._check_stacked_name(node_name)
         if fmt not in FORMATS:
             raise ArgumentError("format", f"must be one of {', '.join(FORMATS)}; got {fmt!r}")
@@ -214,10 +250,12 @@ class BlockGraph:
                                  "node-name": node_name + _FILE_SUFFIX}
         if aio is not None:
             proto["aio"] = aio
-        if cache_direct:
-            proto["cache"] = {"direct": True}
+        if cache_direct or cache_no_flush:
+            proto["cache"] = {"direct": bool(cache_direct), "no-flush": bool(cache_no_flush)}
         opts: dict[str, Any] = {"driver": fmt, "node-name": node_name, "file": proto,
                                 "read-only": read_only}
+        if detect_zeroes is not None:
+            opts["detect-zeroes"] = detect_zeroes
         if discard is not None:
             if discard not in DISCARD:
                 raise ArgumentError("discard", f"must be one of {', '.join(DISCARD)}; "
@@ -234,12 +272,21 @@ class BlockGraph:
                         path: os.PathLike[str] | str | None = None,
                         aio: Literal["threads", "native", "io_uring"] | None = None,
                         cluster_size: int | str | None = None,
-                        discard: Literal["ignore", "unmap"] | None = None) -> str:
-        """Create an image file (in the workdir unless ``path``) and add it as a node."""
+                        discard: Literal["ignore", "unmap"] | None = None,
+                        cache_direct: bool = False, cache_no_flush: bool = False,
+                        detect_zeroes: Literal["off", "on", "unmap"] | None = None,
+                        preallocation: str | None = None) -> str:
+        """Create an image file (in the workdir unless ``path``) and add it as a node,
+        with the node options of `add_file` and qemu-img's ``preallocation``."""
         self._check_stacked_name(node_name)
+        check_node_options(aio=aio, cache_direct=cache_direct, detect_zeroes=detect_zeroes,
+                           discard=discard)
         path = Path(path) if path is not None else self.workdir / f"{node_name}.{fmt}"
-        await create_image(path, size, fmt=fmt, fill=fill, cluster_size=cluster_size)
-        return await self.add_file(node_name, path, fmt=fmt, aio=aio, discard=discard)
+        await create_image(path, size, fmt=fmt, fill=fill, cluster_size=cluster_size,
+                           preallocation=preallocation)
+        return await self.add_file(node_name, path, fmt=fmt, aio=aio, discard=discard,
+                                   cache_direct=cache_direct, cache_no_flush=cache_no_flush,
+                                   detect_zeroes=detect_zeroes)
 
     async def add_throttled(self, node_name: str, child: str, *, bps_write: int | str,
                             bps_read: int | str | None = None) -> str:

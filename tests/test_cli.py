@@ -246,3 +246,24 @@ async def test_embedded_mirror_stops_early_on_a_setting_that_cannot_converge(tmp
     assert "not converging" in out or "too close to call" in out
     assert "Try --granularity 4K" in out
     assert time.monotonic() - t0 < 60
+
+
+async def test_target_node_options_on_the_command_line(src, tmp_path):
+    code, out, err = await run("mirror", "--qmp", qmp(src), "--device", "src",
+                               "--target-file", str(tmp_path / "n.raw"), "--create",
+                               "--target-aio", "native", "--target-cache-direct", "on",
+                               "--target-detect-zeroes", "unmap",
+                               "--target-preallocation", "falloc", "--then", "leave")
+    assert code == 0, out + err
+    nodes = {n["node-name"]: n for n in
+             await src.client.execute("query-named-block-nodes", {"flat": True})}
+    assert nodes["qmpkit-src-file"]["cache"]["direct"] is True
+    assert nodes["qmpkit-src"]["detect_zeroes"] == "unmap"
+    await src.client.execute("job-cancel", {"id": "src"})
+    code, out, err = await run("mirror", "--qmp", qmp(src), "--device", "src",
+                               "--target-file", str(tmp_path / "m.raw"), "--create",
+                               "--target-aio", "native")
+    assert code == 2 and "--target-aio: aio=native needs cache.direct=on" in err, err
+    assert not (tmp_path / "m.raw").exists()
+    code, out, err = await run("mirror", "--size", "8M", "--no-load", "--target-aio", "io_uring")
+    assert code == 2 and "need --target-file" in err

@@ -124,3 +124,37 @@ def test_parse_nbd_uri():
     for bad in ("http://x/y", "nbd+unix:///exp", "nbd:///x"):
         with pytest.raises(ArgumentError, match="uri"):
             parse_nbd_uri(bad)
+
+
+async def test_node_options_reach_qemu(qemu, tmp_path):
+    """Issue #16: what QEMU reports for a node opened with each option."""
+    await qemu.nodes.add_image("a", 16 << 20, path=tmp_path / "a.raw", aio="native",
+                               cache_direct=True, detect_zeroes="unmap", discard="unmap")
+    await qemu.nodes.add_image("b", 16 << 20, path=tmp_path / "b.raw", aio="io_uring",
+                               cache_no_flush=True, detect_zeroes="on")
+    nodes = {n["node-name"]: n for n in
+             await qemu.client.execute("query-named-block-nodes", {"flat": True})}
+    assert nodes["a-file"]["cache"]["direct"] is True
+    assert nodes["a"]["detect_zeroes"] == "unmap"
+    assert nodes["b-file"]["cache"]["no-flush"] is True and nodes["b"]["detect_zeroes"] == "on"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"aio": "native"}, "aio: aio=native needs cache.direct=on"),
+    ({"detect_zeroes": "unmap"}, "detect_zeroes: detect-zeroes=unmap needs discard=unmap"),
+    ({"aio": "posix"}, "aio: must be one of threads, native, io_uring"),
+    ({"preallocation": "lots"}, "preallocation: must be one of off, falloc, full for raw"),
+])
+async def test_node_options_qemu_refuses_are_refused_first(qemu, tmp_path, kwargs, message):
+    with pytest.raises(ArgumentError, match=message.replace("(", r"\(")):
+        await qemu.nodes.add_image("x", 16 << 20, path=tmp_path / "x.raw", **kwargs)
+    assert not (tmp_path / "x.raw").exists()
+    assert "x" not in {n.node_name for n in await qemu.nodes.nodes()}
+
+
+async def test_preallocation_full_allocates_the_file(tmp_path):
+    from qmpkit import create_image
+    await create_image(tmp_path / "f.raw", 8 << 20, preallocation="full")
+    await create_image(tmp_path / "o.raw", 8 << 20, preallocation="off")
+    assert (tmp_path / "f.raw").stat().st_blocks * 512 >= 8 << 20
+    assert (tmp_path / "o.raw").stat().st_blocks * 512 < 1 << 20
