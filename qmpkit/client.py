@@ -13,12 +13,15 @@ import contextlib
 import logging
 import os
 import re
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.events import EventFilter
 
 from .errors import ArgumentError, QemuCommandError, QmpConnectionError, QmpTimeoutError
+
+if TYPE_CHECKING:
+    from .capabilities import Capabilities
 
 __all__ = ["Client", "parse_address", "event_matches", "DEFAULT_COMMAND_TIMEOUT"]
 

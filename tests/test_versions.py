@@ -11,7 +11,6 @@ import pytest
 
 from helpers import run_cli
 
-from qmpkit import Qemu
 from qmpkit.capabilities import Capabilities
 from qmpkit.errors import UnsupportedError
 from qmpkit.lifecycle import MirrorRun
