@@ -148,6 +148,15 @@ def add_setup_options(p: argparse.ArgumentParser) -> None:
                         "over NBD, like a disk on another host")
 
 
+def _add_qmp(p: argparse.ArgumentParser, *, json_keys: str | None = None) -> None:
+    """``--qmp ADDR`` (required), and ``--json`` where the command lists things."""
+    p.add_argument("--qmp", required=True, metavar="ADDR",
+                   help="QMP socket: a unix socket path or host:port")
+    if json_keys is not None:
+        p.add_argument("--json", action="store_true",
+                       help=f"print a JSON list of objects with the keys {json_keys}")
+
+
 def add_run_options(p: argparse.ArgumentParser, *,
                     hz_help: str = "samples per second (default 10)") -> None:
     """What every command that records runs on the embedded QEMU takes: the
@@ -367,20 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show the block nodes of the QEMU at --qmp: node name, "
                                    "driver, size, the device that uses it, the block job that "
                                    "holds it, the export that serves it, and its file.")
-    n.add_argument("--qmp", required=True, metavar="ADDR",
-                   help="QMP socket: a unix socket path or host:port")
-    n.add_argument("--json", action="store_true",
-                   help="print a JSON list of objects with the keys node, driver, size, "
-                        "file, device, job, export")
+    _add_qmp(n, json_keys="node, driver, size, file, device, job, export")
 
     js = sub.add_parser("jobs", help="list the block jobs of a running QEMU",
                         description="Every block job of the QEMU at --qmp: id, type, device, "
                                     "status, progress, speed, ready, paused, I/O status.")
-    js.add_argument("--qmp", required=True, metavar="ADDR",
-                    help="QMP socket: a unix socket path or host:port")
-    js.add_argument("--json", action="store_true",
-                    help="print a JSON list of objects with the keys id, type, device, status, "
-                         "current_progress, total_progress, speed, ready, paused, io_status")
+    _add_qmp(js, json_keys="id, type, device, status, current_progress, total_progress, "
+                           "speed, ready, paused, io_status")
 
     j = sub.add_parser("job", help="control a block job after the fact (like virsh blockjob)",
                        description="Watch or steer a job that runs already, for example one "
@@ -395,8 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                          ("speed", "change its speed limit"),
                          ("change", "switch its copy mode (QEMU >= 8.2)")):
         a = jsub.add_parser(action, help=text, description=text)
-        a.add_argument("--qmp", required=True, metavar="ADDR",
-                       help="QMP socket: a unix socket path or host:port")
+        _add_qmp(a)
         a.add_argument("job_id", metavar="JOB", help="the job id (see `qmpkit jobs`)")
         a.add_argument("--timeout", type=_positive_float("--timeout"), default=60.0,
                        metavar="SECONDS", help="how long to wait (default 60; watch: 3600)")
@@ -551,14 +552,23 @@ def _describe_event(event: dict[str, Any]) -> str | None:
     return None
 
 
-async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
+async def _rows(ns: argparse.Namespace, out: TextIO,
+                fetch: Callable[[Qemu], Any]) -> list[dict[str, Any]] | None:
+    """Rows read from the QEMU at ``--qmp``; None when ``--json`` printed them already."""
     qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
     try:
-        rows = await qemu.nodes.table()
+        rows = await fetch(qemu)
     finally:
         await qemu.close()
     if ns.json:
         out.write(json.dumps(rows, indent=2) + "\n")
+        return None
+    return rows
+
+
+async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
+    rows = await _rows(ns, out, lambda qemu: qemu.nodes.table())
+    if rows is None:
         return EXIT_OK
     out.write(f"{'NODE':<24} {'DRIVER':<12} {'SIZE':>10}  {'DEVICE':<8} {'JOB':<18} "
               f"{'EXPORT':<10} FILE\n")
@@ -570,13 +580,8 @@ async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
 
 
 async def _cmd_jobs(ns: argparse.Namespace, out: TextIO) -> int:
-    qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
-    try:
-        rows = await qemu.jobs()
-    finally:
-        await qemu.close()
-    if ns.json:
-        out.write(json.dumps(rows, indent=2) + "\n")
+    rows = await _rows(ns, out, lambda qemu: qemu.jobs())
+    if rows is None:
         return EXIT_OK
     out.write(f"{'JOB':<20} {'TYPE':<8} {'DEVICE':<16} {'STATUS':<10} {'PROGRESS':>22} "
               f"{'SPEED':>12}  IO\n")
