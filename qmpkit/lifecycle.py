@@ -366,18 +366,10 @@ class MirrorRun:
 
     async def _refuse_busy_device(self, node: str) -> None:
         """QEMU 7.2 says only "Need a root block node" for a second mirror."""
-        try:
-            edges = await self.qemu.client.execute("x-debug-query-block-graph")
-        except QemuCommandError:
-            return
-        by_id = {n["id"]: n for n in edges["nodes"]}
-        statuses = {j["id"]: j["status"] for j in await self.qemu.client.execute("query-jobs")}
-        for e in edges["edges"]:
-            parent, child = by_id[e["parent"]], by_id[e["child"]]
-            if parent["type"] == "block-job" and e["name"] == "source" and child["name"] == node:
-                job = parent["name"]
-                raise ArgumentError("device", f"device {self.device} already has job {job} "
-                                              f"({statuses.get(job, 'running')}); see "
+        for job in await self.qemu.jobs():
+            if job["device"] and job["device"] in (node, self.device):
+                raise ArgumentError("device", f"device {self.device} already has job "
+                                              f"{job['id']} ({job['status']}); see "
                                               "`qmpkit jobs`")
 
     async def _expected_backing_file(self, source: str, sync: str) -> str | None:

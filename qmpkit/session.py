@@ -91,21 +91,24 @@ class Qemu:
         """Every block job as plain data: ``id``, ``type``, ``device`` (the source
         node, from the block graph), ``status``, ``current_progress``,
         ``total_progress``, ``speed``, ``ready``, ``paused``, ``io_status``."""
+        jobs = await self.client.execute("query-block-jobs")
         sources: dict[str, str] = {}
         try:
-            from .nodes import graph_children
             # a VM's disk is known by its drive id (vd0), not by its node (#block138)
             drives = {b["inserted"]["node-name"]: b["device"]
                       for b in await self.client.execute("query-block")
                       if b.get("inserted") and b.get("device")}
-            for j in await self.client.execute("query-block-jobs"):
-                edges = await graph_children(self.client, "block-job", j["device"])
-                node = edges.get("source", "")
-                sources[j["device"]] = drives.get(node, node)
+            graph = await self.client.execute("x-debug-query-block-graph")
+            ids = {n["id"]: n for n in graph["nodes"]}
+            for e in graph["edges"]:
+                parent = ids[e["parent"]]
+                if parent["type"] == "block-job" and e["name"] == "source":
+                    node = ids[e["child"]]["name"]
+                    sources[parent["name"]] = drives.get(node, node)
         except QmpkitError:
             pass
         rows = []
-        for j in await self.client.execute("query-block-jobs"):
+        for j in jobs:
             rows.append({"id": j["device"], "type": j["type"],
                          "device": sources.get(j["device"], ""),
                          "status": j.get("status", ""), "current_progress": j["offset"],
