@@ -7,8 +7,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 # qemu-system-x86: the tests start real VMs (-drive, -blockdev) as well as the storage daemon.
 # chromium: the browser test drives JupyterLab in Debian's Chromium (never a downloaded one)
-APT_PACKAGES := qemu-system-common qemu-system-x86 qemu-utils fio chromium
-TOOLS := qemu-storage-daemon qemu-system-x86_64 qemu-img qemu-io fio chromium
+# libvirt: the libvirt tests start a private libvirtd; libvirt-python builds against libvirt-dev
+APT_PACKAGES := qemu-system-common qemu-system-x86 qemu-utils fio chromium \
+	libvirt-daemon-system libvirt-clients libvirt-dev pkg-config gcc
+TOOLS := qemu-storage-daemon qemu-system-x86_64 qemu-img qemu-io fio chromium \
+	libvirtd virsh pkg-config gcc
 STAMP := $(VENV)/.qmpkit-installed
 LAB_PORT ?= 8888
 

@@ -7,6 +7,7 @@ The package is async first. Its layers, from QEMU up:
 - `qmpkit.daemon`  the embedded ``qemu-storage-daemon`` (the default QEMU)
 - `qmpkit.client`  one QMP connection (qemu.qmp underneath)
 - `qmpkit.nodes`   sources and targets as block nodes (``blockdev-add``)
+- `qmpkit.link`    an emulated network (RTT, rate, faults) between two QEMUs
 - `qmpkit.mirror`  ``blockdev-mirror`` arguments, checked, and the job
 - `qmpkit.job`     block jobs driven by QMP events
 - `qmpkit.images`  image files, with qemu-img and qemu-io
@@ -15,6 +16,7 @@ The package is async first. Its layers, from QEMU up:
 - `qmpkit.record`  the sampler (`Recorder`), as an asyncio task
 - `qmpkit.trace`   recorded runs, saved as folders
 - `qmpkit.analysis` copy rate, the convergence forecast, summaries
+- `qmpkit.predict` the mirror model: convergence and time to READY, before it starts
 - `qmpkit.plots`   matplotlib figures of traces
 - `qmpkit.lifecycle` `MirrorRun`: one mirror from start to end, and its cleanup
 - `qmpkit.experiment` one recorded run on the embedded QEMU

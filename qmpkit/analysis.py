@@ -27,7 +27,7 @@ __all__ = ["rate", "Forecast", "forecast", "summarize", "report", "SUMMARY_KEYS"
 
 SUMMARY_KEYS = ("time_to_ready_s", "converged", "completed", "verified", "bytes_copied",
                 "disk_bytes", "amplification", "mean_throughput_bps", "peak_dirty_bytes",
-                "samples", "achieved_hz", "params", "workload")
+                "samples", "achieved_hz", "params", "workload", "link")
 
 
 #: the work left must shrink by this fraction of the copy rate to count as converging
@@ -192,6 +192,7 @@ def summarize(trace: Trace, *, completed: bool | None = None,
         "achieved_hz": (len(s) - 1) / span if span > 0 else None,
         "params": trace.meta.get("params", {}),
         "workload": trace.meta.get("workload"),
+        "link": trace.meta.get("link"),
     }
 
 

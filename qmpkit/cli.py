@@ -33,6 +33,7 @@ from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommand
                      QmpkitError)
 from .experiment import Setup, check_free_space, hopeless, run_experiment
 from .lifecycle import MirrorRun
+from .link import PRESETS_HELP
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, mirror_arguments
 from .nodes import AIO_MODES, DETECT_ZEROES
 from .session import Qemu
@@ -46,6 +47,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNVERIFIED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 log = logging.getLogger(__name__)
+MiB = 1 << 20
 
 
 class UsageError(Exception):
@@ -146,12 +148,31 @@ def add_setup_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--remote-target", action="store_true",
                    help="put the target in a second qemu-storage-daemon and mirror to it "
                         "over NBD, like a disk on another host")
+    g.add_argument("--link", action="append", metavar="SPEC",
+                   help="an emulated network between source and target (implies "
+                        "--remote-target): rtt=40ms,rate=1Gbit[,jitter=2ms], or a preset: "
+                        f"{PRESETS_HELP}. A sweep takes it several times (a link axis; "
+                        "'none' for no link)")
+    g.add_argument("--reconnect-delay", type=_count("--reconnect-delay"), metavar="SECONDS",
+                   help="the NBD client's reconnect-delay: a broken connection to the target "
+                        "is retried this long before the mirror sees an error (QEMU's "
+                        "default 0)")
+
+
+def _add_libvirt(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("a libvirt-managed VM (instead of --qmp; needs qmpkit[libvirt])")
+    g.add_argument("--libvirt", metavar="URI",
+                   help="libvirt's connection URI, e.g. qemu:///system: everything goes "
+                        "through libvirt's API, so its XML and job view stay right")
+    g.add_argument("--domain", metavar="NAME", help="the libvirt domain")
 
 
 def _add_qmp(p: argparse.ArgumentParser, *, json_keys: str | None = None) -> None:
-    """``--qmp ADDR`` (required), and ``--json`` where the command lists things."""
-    p.add_argument("--qmp", required=True, metavar="ADDR",
+    """``--qmp ADDR`` (or ``--libvirt URI --domain NAME``), and ``--json`` where
+    the command lists things."""
+    p.add_argument("--qmp", metavar="ADDR",
                    help="QMP socket: a unix socket path or host:port")
+    _add_libvirt(p)
     if json_keys is not None:
         p.add_argument("--json", action="store_true",
                        help=f"print a JSON list of objects with the keys {json_keys}")
@@ -178,8 +199,16 @@ def load_from_args(ns: argparse.Namespace) -> FioLoad | None:
 
 def setup_from_args(ns: argparse.Namespace) -> Setup:
     try:
+        links = [v for v in (ns.link or []) if v != "none"]
+        if len(links) > 1 and ns.command != "sweep":
+            raise UsageError("--link: give one link here; a sweep takes several")
+        if ns.reconnect_delay is not None and not (links or ns.remote_target):
+            raise UsageError("--reconnect-delay: needs --remote-target or --link (it is an "
+                             "option of the NBD client)")
         setup = Setup(size=ns.size, fmt=ns.format, target_speed=ns.target_speed or None,
-                      remote_target=ns.remote_target)
+                      remote_target=ns.remote_target or bool(links),
+                      link=links[0] if len(links) == 1 and ns.command != "sweep" else None,
+                      reconnect_delay=ns.reconnect_delay)
         check_free_space(setup, None, copies=3)
         return setup
     except ArgumentError as exc:
@@ -275,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ready: return once READY is reached and --then was sent; done: also "
                         "wait until the job has ended. Default: done, or ready with "
                         "--then leave")
+    _add_libvirt(m)
+    m.add_argument("--disk", metavar="DEV", help="with --libvirt: the domain's disk (vda)")
+    m.add_argument("--no-passthrough", action="store_true",
+                   help="with --libvirt: record only what blockJobInfo gives (no monitor "
+                        "passthrough, so no custom-monitor taint on the domain; no dirty bytes)")
+    m.add_argument("--reuse-ext", action="store_true",
+                   help="with --libvirt: the --target-file exists already (REUSE_EXT); "
+                        "otherwise libvirt creates it (qcow2, 64 KiB clusters)")
+    m.add_argument("--i-know-libvirt-is-blind", action="store_true",
+                   help="act over --qmp on a QEMU that libvirt manages (libvirt will not "
+                        "see the job; its XML can end up naming a file the guest no longer "
+                        "writes)")
     m.add_argument("--then", choices=("complete", "cancel", "leave"), default="complete",
                    help="at READY: complete (pivot to the target, the default), cancel "
                         "(keep a point-in-time copy, no pivot) or leave it running")
@@ -323,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="wait this long for READY; a run past it counts as not converged "
                         "(default 20)")
+    d.add_argument("--wan", action="store_true",
+                   help="the same load across a 40 ms, 1 Gbit/s link (--link wan unless "
+                        "--link is given): QEMU's defaults, 4 KiB/1 MiB (the LAN's winner) "
+                        "and the configuration qmpkit.predict picks for this link")
     add_run_options(d)
 
     sw = sub.add_parser(
@@ -354,6 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "converged (default 30)")
     sw.add_argument("--early-stop", action="store_true",
                     help="stop a run early once its forecast has said 'not converging' for 3 s")
+    ng = sw.add_argument_group("node options of both images, as axes (comma-separated lists)")
+    ng.add_argument("--aio", metavar="LIST", help="threads, native (needs --cache-direct on), "
+                                                  "io_uring")
+    ng.add_argument("--cache-direct", metavar="LIST", help="on, off (O_DIRECT)")
+    ng.add_argument("--detect-zeroes", metavar="LIST", help="off, on, unmap")
+    ng.add_argument("--preallocation", metavar="LIST",
+                    help="the target's: off, falloc, full (metadata: qcow2 only)")
+    sw.add_argument("--predict", action="store_true",
+                    help="write qmpkit.predict's forecast beside every run (results.csv: "
+                         "predicted_converges, predicted_time_to_ready_s) and "
+                         "predicted_vs_measured.png")
     sw.add_argument("--latency-budget-ms", type=_positive_float("--latency-budget-ms"),
                     metavar="MS", help="the guest's p99 write latency the pick must keep")
     sw.add_argument("--fresh", action="store_true",
@@ -367,10 +423,48 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Draw convergence.png, throughput.png (and latency.png "
                                     "when fio's log is there) from one or more trace folders; "
                                     "several folders are overlaid.")
-    pl.add_argument("traces", nargs="+", type=Path, metavar="DIR", help="trace folders")
+    pl.add_argument("traces", nargs="+", type=Path, metavar="DIR",
+                    help="trace folders, or the output folder of `qmpkit demo` (its runs "
+                         "overlaid) or of `qmpkit sweep` (one run per configuration)")
     pl.add_argument("--out", type=Path, metavar="DIR",
-                    help="where the PNGs go (default: the trace folder; required with "
+                    help="where the PNGs go (default: the one folder given; required with "
                          "several folders)")
+
+    for name in ("probe", "advise"):
+        pr = sub.add_parser(
+            name, help="measure how fast the guest dirties a disk, at each granularity"
+            if name == "probe" else "probe, then predict and rank mirror settings",
+            description="Add one dirty bitmap per --granularity to the disk's node (named "
+                        "qmpkit-probe-*, never persistent), read them once a second for "
+                        "--seconds with the device's write statistics, remove them, and "
+                        "print the new-dirty rate, the working set and the amplification per "
+                        "granularity (probe.json with --out)."
+            + (" Then predict every granularity x buf-size (1, 4, 16, 64 MiB) x copy-mode "
+               "with qmpkit.predict, rank them, and print the qmpkit mirror command of the "
+               "best." if name == "advise" else "")
+            + " Without --qmp it probes the embedded lab's own fio load (--size, --load-*).")
+        pr.add_argument("--qmp", metavar="ADDR", help="QMP socket of a running QEMU")
+        pr.add_argument("--device", metavar="NODE",
+                        help="the node (or a VM's drive id) to probe; required with --qmp")
+        pr.add_argument("--granularity", default="4K,16K,64K,256K,1M", metavar="LIST",
+                        help="bitmap granularities (default 4K,16K,64K,256K,1M)")
+        pr.add_argument("--seconds", type=_positive_float("--seconds"), default=30.0,
+                        help="how long to watch (default 30)")
+        pr.add_argument("--json", action="store_true", help="print probe.json on stdout")
+        pr.add_argument("--out", type=Path, metavar="DIR", help="write probe.json here")
+        pr.add_argument("--size", type=_size("--size"), default="1G", metavar="SIZE",
+                        help="embedded: the disk's size (default 1G)")
+        add_load_options(pr)
+        pr.add_argument("--i-know-libvirt-is-blind", action="store_true",
+                        help="probe over --qmp a QEMU that libvirt manages")
+        if name == "probe":
+            pr.add_argument("--clean", action="store_true",
+                            help="with --qmp: remove the probe bitmaps a killed probe left")
+        else:
+            pr.add_argument("--target-speed", type=_rate("--target-speed"), metavar="RATE",
+                            help="the target's write rate (embedded default 100M)")
+            pr.add_argument("--link", metavar="SPEC",
+                            help=f"the network to the target: rtt=…,rate=… or {PRESETS_HELP}")
 
     n = sub.add_parser("nodes", help="list the block nodes of a running QEMU",
                        description="Show the block nodes of the QEMU at --qmp: node name, "
@@ -398,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                          ("change", "switch its copy mode (QEMU >= 8.2)")):
         a = jsub.add_parser(action, help=text, description=text)
         _add_qmp(a)
+        a.add_argument("--i-know-libvirt-is-blind", action="store_true",
+                       help="act over --qmp on a QEMU that libvirt manages")
         a.add_argument("job_id", metavar="JOB", help="the job id (see `qmpkit jobs`)")
         a.add_argument("--timeout", type=_positive_float("--timeout"), default=60.0,
                        metavar="SECONDS", help="how long to wait (default 60; watch: 3600)")
@@ -567,14 +663,24 @@ async def _rows(ns: argparse.Namespace, out: TextIO,
 
 
 async def _cmd_nodes(ns: argparse.Namespace, out: TextIO) -> int:
-    rows = await _rows(ns, out, lambda qemu: qemu.nodes.table())
+    from .probe import stale_bitmaps
+    stale: list[tuple[str, str]] = []
+
+    async def fetch(qemu: Qemu) -> Any:
+        stale.extend(await stale_bitmaps(qemu))
+        return await qemu.nodes.table()
+    rows = await _rows(ns, out, fetch)
+    for node, name in stale:
+        sys.stderr.write(f"qmpkit: stale probe bitmap {name} on {node} (a probe was killed); "
+                         f"`qmpkit probe --qmp {ns.qmp} --clean` removes it\n")
     if rows is None:
         return EXIT_OK
-    out.write(f"{'NODE':<24} {'DRIVER':<12} {'SIZE':>10}  {'DEVICE':<8} {'JOB':<18} "
-              f"{'EXPORT':<10} FILE\n")
+    # 72 columns before the file's path
+    out.write(f"{'NODE':<20} {'DRIVER':<9} {'SIZE':>9}  {'DEVICE':<7} {'JOB':<12} "
+              f"{'EXPORT':<8} FILE\n")
     for r in rows:
-        out.write(f"{r['node']:<24} {r['driver']:<12} {format_size(r['size']):>10}  "
-                  f"{r['device'] or '-':<8} {r['job'] or '-':<18} {r['export'] or '-':<10} "
+        out.write(f"{r['node']:<20} {r['driver']:<9} {format_size(r['size']):>9}  "
+                  f"{r['device'] or '-':<7} {r['job'] or '-':<12} {r['export'] or '-':<8} "
                   f"{r['file']}\n")
     return EXIT_OK
 
@@ -583,13 +689,14 @@ async def _cmd_jobs(ns: argparse.Namespace, out: TextIO) -> int:
     rows = await _rows(ns, out, lambda qemu: qemu.jobs())
     if rows is None:
         return EXIT_OK
-    out.write(f"{'JOB':<20} {'TYPE':<8} {'DEVICE':<16} {'STATUS':<10} {'PROGRESS':>22} "
-              f"{'SPEED':>12}  IO\n")
+    # 80 columns for names of up to 14 characters
+    out.write(f"{'JOB':<14} {'TYPE':<6} {'DEVICE':<12} {'STATUS':<8} {'PROGRESS':>19} "
+              f"{'SPEED':>11}  IO\n")
     for r in rows:
         prog = f"{format_size(r['current_progress'])} / {format_size(r['total_progress'])}"
         speed = format_rate(r["speed"]) if r["speed"] else "unlimited"
-        out.write(f"{r['id']:<20} {r['type']:<8} {r['device']:<16} {r['status']:<10} "
-                  f"{prog:>22} {speed:>12}  {r['io_status']}\n")
+        out.write(f"{r['id']:<14} {r['type']:<6} {r['device']:<12} {r['status']:<8} "
+                  f"{prog:>19} {speed:>11}  {r['io_status']}\n")
     if not rows:
         out.write("(no block jobs)\n")
     return EXIT_OK
@@ -603,6 +710,8 @@ async def _cmd_job(ns: argparse.Namespace, out: TextIO) -> int:
     run: MirrorRun | None = None
     failure: BaseException | None = None
     try:
+        if ns.command == "mirror" or ns.action != "watch":
+            await _refuse_behind_libvirt(qemu, ns)
         try:
             run = await MirrorRun.attach(
                 qemu, ns.job_id, hz=ns.hz if ns.action == "watch" else None,
@@ -618,7 +727,7 @@ async def _cmd_job(ns: argparse.Namespace, out: TextIO) -> int:
             elif ns.action == "resume":
                 await job.resume(timeout=timeout)
             elif ns.action == "speed":
-                await job.set_speed(ns.rate)
+                await run.set_speed(ns.rate)
             elif ns.action == "change":
                 await run.change(copy_mode=ns.copy_mode)
             elif ns.action == "complete":
@@ -637,13 +746,17 @@ async def _cmd_job(ns: argparse.Namespace, out: TextIO) -> int:
             progress.message(f"qmpkit: timeout: {exc}")
             return EXIT_TIMEOUT
         st = job.state
-        what = {"pause": "paused", "resume": "resumed", "speed": "speed set",
+        rate = getattr(ns, "rate", None)
+        what = {"pause": "paused", "resume": "resumed",
+                "speed": "speed limit now " + (format_rate(rate) if rate else "unlimited"),
                 "change": f"copy mode now {getattr(ns, 'copy_mode', '')}",
-                "complete": "completed (pivoted to the target)",
+                "complete": "completed: the device now writes to the target",
                 "cancel": ("ended with a point-in-time copy" if run.point_in_time_copy
                            else "cancelled"),
                 "watch": "is ready" if getattr(ns, "until", "") == "ready" else "ended"}[ns.action]
-        progress.message(f"job {ns.job_id} {what} (status {st.status})")
+        # a job that ended is gone from QEMU: no status to show then
+        tail = f" (status {st.status})" if st.status and not st.finished else ""
+        progress.message(f"job {ns.job_id} {what}{tail}")
         return EXIT_OK
     except BaseException as exc:
         failure = exc
@@ -735,6 +848,8 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     run: MirrorRun | None = None
     failure: BaseException | None = None
     try:
+        if ns.command == "mirror" or ns.action != "watch":
+            await _refuse_behind_libvirt(qemu, ns)
         try:
             run = MirrorRun(qemu, device=ns.device, target=ns.target,
                             target_file=ns.target_file, create=ns.create,
@@ -961,6 +1076,8 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
 async def _cmd_demo(ns: argparse.Namespace, out: TextIO) -> int:
     if ns.json:
         out = sys.stderr
+    if ns.wan and not ns.link:
+        ns.link = ["wan"]
     setup, load = setup_from_args(ns), load_from_args(ns)
     _check_out(ns.out)
     progress = Progress(out)
@@ -998,6 +1115,164 @@ def _list(text: str, option: str, parse: Any) -> list[Any]:
     return values
 
 
+async def _cmd_probe(ns: argparse.Namespace, out: TextIO) -> int:
+    """``qmpkit probe`` and ``qmpkit advise``."""
+    from .link import LinkSpec
+    from .predict import advise
+    from .probe import check_probe_granularity, clean, probe
+    advising = ns.command == "advise"
+    gs = _list(ns.granularity, "--granularity", check_probe_granularity)
+    if None in gs:
+        raise UsageError("--granularity: give sizes ('default' is not a bitmap granularity)")
+    link = None
+    if advising and ns.link:
+        try:
+            link = LinkSpec.parse(ns.link)
+        except ArgumentError as exc:
+            raise UsageError(f"--link: {str(exc).split(': ', 1)[1]}") from None
+    if ns.qmp is None and (ns.device or getattr(ns, "clean", False)):
+        raise UsageError("--device and --clean need --qmp (without it the embedded lab is "
+                         "probed)")
+    if ns.qmp is not None and not ns.device and not getattr(ns, "clean", False):
+        raise UsageError("--device: say which node or drive to probe")
+    _check_out(ns.out)
+    if getattr(ns, "clean", False):
+        qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
+        try:
+            for node, name in await clean(qemu):
+                out.write(f"removed {name} from {node}\n")
+        finally:
+            await qemu.close()
+        return EXIT_OK
+    msg = sys.stderr if ns.json else out
+    device = ns.device or "src"
+    msg.write(f"probing {device} for {ns.seconds:g} s at "
+              f"{', '.join(format_size(g) for g in gs)}...\n")
+    try:
+        if ns.qmp is None:                      # the lab: a disk and fio writing into it
+            from .experiment import probe_lab
+            load = load_from_args(ns)
+            if load is None:
+                raise UsageError("--no-load: the embedded probe watches the lab's load")
+            profile = await probe_lab(size=ns.size, load=load, granularities=gs,
+                                      seconds=ns.seconds)
+        else:
+            qemu = await Qemu.open(ns.qmp, command_timeout=ns.qmp_timeout)
+            try:
+                await _refuse_behind_libvirt(qemu, ns)
+                profile = await probe(qemu, device, granularities=gs, seconds=ns.seconds)
+            finally:
+                await qemu.close()
+    except ArgumentError as exc:
+        raise UsageError(f"--{exc.argument.replace('_', '-')}: "
+                         f"{str(exc).split(': ', 1)[1]}") from None
+    if ns.out is not None:
+        msg.write(f"wrote {profile.save(ns.out)}\n")
+    data = profile.to_dict()
+    if not advising:
+        if ns.json:
+            out.write(json.dumps(data, indent=2) + "\n")
+        else:
+            out.write(f"guest writes: {format_rate(profile.write_bps)} in "
+                      f"{format_size(profile.mean_write_bytes)} writes, over "
+                      f"{profile.seconds:.0f} s\n{profile.table()}\n")
+        return EXIT_OK
+    target = ns.target_speed or (100 * MiB if ns.qmp is None else None)
+    if target is None and link is None:
+        raise UsageError("--target-speed or --link: the prediction needs the target's write "
+                         "rate or the link to it")
+    ranked = advise(disk_bytes=profile.disk_bytes, load=profile.load(), granularities=gs,
+                    target_bps=target, link=link)
+    best = ranked[0]
+    where = (f"--qmp {ns.qmp} --device {device} --target-file ... --create" if ns.qmp
+             else f"--size {format_size(profile.disk_bytes)}")
+    command = (f"qmpkit mirror {where} --granularity {format_size(best.granularity)}"
+               f" --buf-size {format_size(best.buf_size)} --copy-mode {best.copy_mode}"
+               ).replace(" KiB", "K").replace(" MiB", "M")
+    if ns.json:
+        out.write(json.dumps({"probe": data, "command": command,
+                              "ranked": [dataclasses.asdict(p) for p in ranked]}, indent=2)
+                  + "\n")
+        return EXIT_OK
+    out.write(f"guest writes: {format_rate(profile.write_bps)}; {profile.table()}\n\n")
+    out.write(f"{'#':>2} {'granularity':>11} {'buf-size':>8} {'mode':<14} {'converges':<10} "
+              f"{'READY':>8}  why\n")
+    for i, p in enumerate(ranked, 1):
+        t = f"~{p.time_to_ready_s:.0f} s" if p.time_to_ready_s is not None else "-"
+        out.write(f"{i:>2} {format_size(p.granularity):>11} {format_size(p.buf_size):>8} "
+                  f"{p.copy_mode:<14} {p.converges:<10} {t:>8}  {p.reason}\n")
+    out.write(f"\nbest: {command}\n  because {best.reason}\n")
+    return EXIT_OK
+
+
+async def _libvirt_command(ns: argparse.Namespace, out: TextIO) -> int:
+    """``--libvirt URI --domain NAME``: the command through libvirt's API."""
+    from . import libvirt_cli
+    if getattr(ns, "qmp", None):
+        raise UsageError("--qmp and --libvirt: give one (with --libvirt, libvirt owns the "
+                         "QMP monitor)")
+    try:
+        if ns.command == "mirror":
+            return await libvirt_cli.cmd_mirror(ns, _mirror_options(ns), out)
+        if ns.command == "jobs":
+            return await libvirt_cli.cmd_jobs(ns, out)
+        if ns.command == "nodes":
+            return await libvirt_cli.cmd_nodes(ns, out)
+        if ns.command == "job":
+            return await libvirt_cli.cmd_job(ns, out)
+    except ArgumentError as exc:
+        raise UsageError(f"--{exc.argument.replace('_', '-')}: "
+                         f"{str(exc).split(': ', 1)[1]}") from None
+    raise UsageError(f"--libvirt: not available for `qmpkit {ns.command}`")
+
+
+async def _refuse_behind_libvirt(qemu: Qemu, ns: argparse.Namespace) -> None:
+    """A state-changing command over QMP to a QEMU that libvirt manages is
+    refused: libvirt would not see it, and a later libvirt pivot or restart can
+    lose the guest's data. ``--i-know-libvirt-is-blind`` overrides."""
+    if getattr(ns, "i_know_libvirt_is_blind", False):
+        return
+    from .libvirt import managed_by_libvirt
+    reason = await managed_by_libvirt(qemu.client)
+    if reason:
+        raise UsageError(f"this QEMU is managed by libvirt ({reason}). A change made over "
+                         "QMP is invisible to libvirt: its XML would name a file the guest no "
+                         "longer writes. Use --libvirt URI --domain NAME instead (or "
+                         "--i-know-libvirt-is-blind)")
+
+
+def _node_axes(ns: argparse.Namespace) -> dict[str, list[Any]]:
+    """The sweep's node-option axes, each checked against its accepted values."""
+    accepted = {"aio": AIO_MODES, "cache_direct": ("on", "off"),
+                "detect_zeroes": DETECT_ZEROES, "preallocation": ("off", "falloc", "full",
+                                                                  "metadata")}
+    axes: dict[str, list[Any]] = {}
+    for name, values in accepted.items():
+        text = getattr(ns, name)
+        if text is None:
+            continue
+        option = f"--{name.replace('_', '-')}"
+
+        def check(v: str, values: Any = values, name: str = name) -> Any:
+            if v not in values:
+                raise ArgumentError(name, f"must be one of {', '.join(values)}; got {v!r}")
+            return v == "on" if name == "cache_direct" else v
+        axes[name] = _list(text, option, check)
+    return axes
+
+
+def _links(given: list[str] | None) -> list[Any]:
+    """The sweep's link axis: each --link (``none``: no link), checked."""
+    from .link import LinkSpec
+    values: list[Any] = []
+    for text in given or ["none"]:
+        try:
+            values.append(None if text == "none" else LinkSpec.parse(text))
+        except ArgumentError as exc:
+            raise UsageError(f"--link: {str(exc).split(': ', 1)[1]}") from None
+    return values
+
+
 async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
     from .mirror import check_granularity
     from .sweep import grid, run_sweep
@@ -1012,13 +1287,18 @@ async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
 
     if ns.repeat < 1:
         raise UsageError(f"--repeat: must be >= 1, got {ns.repeat}")
-    _check_out(ns.out)
-    configs = grid(granularity=_list(ns.granularity, "--granularity", check_granularity),
-                   buf_size=_list(ns.buf_size, "--buf-size",
-                                  lambda v: parse_size(v, name="buf_size")),
-                   copy_mode=_list(ns.copy_mode, "--copy-mode", copy_mode),
-                   speed=_list(ns.speed, "--speed", lambda v: parse_rate(v, name="speed")))
+    try:
+        configs = grid(granularity=_list(ns.granularity, "--granularity", check_granularity),
+                       buf_size=_list(ns.buf_size, "--buf-size",
+                                      lambda v: parse_size(v, name="buf_size")),
+                       copy_mode=_list(ns.copy_mode, "--copy-mode", copy_mode),
+                       speed=_list(ns.speed, "--speed", lambda v: parse_rate(v, name="speed")),
+                       link=_links(ns.link), **_node_axes(ns))
+    except ArgumentError as exc:
+        raise UsageError(f"--{exc.argument.replace('_', '-')}: "
+                         f"{str(exc).split(': ', 1)[1]}") from None
     setup, load = setup_from_args(ns), load_from_args(ns)
+    _check_out(ns.out)
     stream = out
 
     def progress(k: int, n: int, label: str, eta: float | None) -> None:
@@ -1033,7 +1313,7 @@ async def _cmd_sweep(ns: argparse.Namespace, out: TextIO) -> int:
     result = await _sweep_or_usage(run_sweep(
         ns.out, configs=configs, repeat=ns.repeat, setup=setup, load=load,
         time_limit=ns.time_limit, seed=ns.seed, early_stop=ns.early_stop, hz=ns.hz,
-        progress=progress, fresh=ns.fresh, latency_budget_us=budget_us))
+        progress=progress, fresh=ns.fresh, latency_budget_us=budget_us, predict=ns.predict))
     rec = result["recommendation"]
     if ns.json:
         summary = json.loads(result["summary"].to_json(orient="records"))
@@ -1079,13 +1359,37 @@ def sweep_table(summary: Any) -> str:
     return "\n".join(lines)
 
 
+#: traces overlaid at most in one plot (matplotlib's ten colours)
+MAX_OVERLAID = 10
+
+
+def _trace_folders(folder: Path) -> list[Path]:
+    """A trace folder itself; the run folders of a demo's output; or one run per
+    configuration (the first repeat) of a sweep's output."""
+    if (folder / "trace.csv").exists() or not folder.is_dir():
+        return [folder]                   # Trace.load says what is wrong with it
+    runs = folder / "runs" if (folder / "sweep.json").exists() else folder
+    found = sorted(d for d in runs.iterdir() if (d / "trace.csv").exists())
+    if runs is not folder:                # a sweep: repeat 0 of each configuration
+        first = [d for d in found if d.name.endswith("_r0")]
+        found = first or found
+    if not found:
+        raise UsageError(f"{folder}: not a trace folder, nor a demo's or a sweep's output "
+                         "(no trace.csv in it or in its run folders)")
+    if len(found) > MAX_OVERLAID:
+        raise UsageError(f"{folder}: {len(found)} runs are too many to overlay (at most "
+                         f"{MAX_OVERLAID}); name the run folders to compare, for example "
+                         f"{found[0]} {found[1]}")
+    return found
+
+
 def _cmd_plot(ns: argparse.Namespace, out: TextIO) -> int:
     if len(ns.traces) > 1 and ns.out is None:
         raise UsageError("--out: several trace folders are overlaid into one set of plots; "
                          "say where they go (never the working directory by default)")
     _check_out(ns.out)
     traces = []
-    for folder in ns.traces:
+    for folder in [f for given in ns.traces for f in _trace_folders(given)]:
         try:
             traces.append(Trace.load(folder))
         except ValueError as exc:
@@ -1131,8 +1435,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if ns.verbose >= 2 else logging.CRITICAL)
     out, err = sys.stdout, sys.stderr
     try:
+        if getattr(ns, "libvirt", None):
+            return _run(_libvirt_command(ns, out))
+        if ns.command in ("nodes", "jobs", "job") and not ns.qmp:
+            raise UsageError("--qmp ADDR or --libvirt URI --domain NAME: say which QEMU")
         if ns.command == "nodes":
             return _run(_cmd_nodes(ns, out))
+        if ns.command in ("probe", "advise"):
+            return _run(_cmd_probe(ns, out))
         if ns.command == "jobs":
             return _run(_cmd_jobs(ns, out))
         if ns.command == "job":

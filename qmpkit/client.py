@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, Runstate
 from qemu.qmp.events import EventFilter
 
+from .aio import within
 from .errors import ArgumentError, QemuCommandError, QmpConnectionError, QmpTimeoutError
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class Client:
                 raise QmpConnectionError(f"cannot connect to QMP at {shown}: it is {kind}, "
                                          "not a socket", address=addr)
         try:
-            await asyncio.wait_for(self._qmp.connect(addr), timeout)
+            await within(self._qmp.connect(addr), timeout)
         except asyncio.TimeoutError:
             with contextlib.suppress(Exception):
                 await self._qmp.disconnect()
@@ -217,7 +218,7 @@ class Client:
                                      address=self.address)
         limit = self.command_timeout if timeout is None else timeout
         try:
-            return await asyncio.wait_for(self._qmp.execute(command, args), limit)
+            return await within(self._qmp.execute(command, args), limit)
         except asyncio.TimeoutError:
             raise QmpTimeoutError(command, limit, address=self.address) from None
         except ExecuteError as exc:
@@ -294,7 +295,7 @@ class Client:
         """Disconnect. Safe to call twice, and after QEMU went away (or hung)."""
         self._closing = True
         try:
-            await asyncio.wait_for(self._qmp.disconnect(), timeout)
+            await within(self._qmp.disconnect(), timeout)
         except asyncio.TimeoutError:
             log.debug("QMP disconnect did not finish within %g s", timeout)
         except (EOFError, OSError, QMPError) as exc:

@@ -21,6 +21,7 @@ import weakref
 from pathlib import Path
 from typing import Sequence
 
+from .aio import within
 from .client import Client
 from .errors import QemuStartError, QmpConnectionError, QmpkitError
 from .process import die_with_parent, mark_owner, remove_stale_dirs
@@ -208,9 +209,14 @@ class StorageDaemon:
                     proc.kill()
             if self.client is not None:
                 await self.client.close()
+            elif proc is not None and proc.poll() is None:
+                # stopped while starting (no QMP yet, so no quit): SIGTERM is the
+                # daemon's own graceful exit, not a 10 s wait for a quit never sent
+                proc.terminate()
+                timeout = min(timeout, 3.0)
             if proc is not None:
                 try:
-                    await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+                    await within(asyncio.to_thread(proc.wait), timeout)
                 except asyncio.TimeoutError:
                     log.warning("qemu-storage-daemon (pid %d) ignored quit; killing it", proc.pid)
                     proc.kill()

@@ -24,7 +24,7 @@ from .trace import Trace
 from .units import format_rate, format_size
 from .workload import FioLoad
 
-__all__ = ["DEMO_CONFIGS", "run_demo", "DemoRow", "table_text", "write_plots"]
+__all__ = ["DEMO_CONFIGS", "run_demo", "DemoRow", "table_text", "write_plots", "wan_configs"]
 
 #: (label, mirror arguments) of the three runs the demo compares.
 DEMO_CONFIGS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -32,6 +32,26 @@ DEMO_CONFIGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("granularity 4 KiB, buf-size 1 MiB", {"granularity": "4K", "buf_size": "1M"}),
     ("copy-mode write-blocking", {"copy_mode": "write-blocking"}),
 )
+
+
+def wan_configs(setup: Setup, load: FioLoad | None) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """QEMU's defaults, 4 KiB/1 MiB (the LAN's winner), and the configuration
+    `qmpkit.predict` ranks first for ``setup``'s link under ``load``."""
+    from .link import LinkSpec
+    from .predict import Load, predict, rank
+    assert isinstance(setup.link, LinkSpec)
+    guest = Load(write_bps=float(load.rate or 0) if load else 0.0,
+                 bs=int(load.bs) if load else 4096,
+                 random=bool(load is None or load.rw != "write"),
+                 iodepth=load.iodepth if load else 1)
+    grid = [predict(disk_bytes=int(setup.size), load=guest, granularity=g, buf_size=b,
+                    copy_mode=m, target_bps=setup.target_speed, link=setup.link)
+            for g in (4 << 10, 64 << 10, 1 << 20) for b in (1 << 20, 4 << 20, 16 << 20, 64 << 20)
+            for m in ("background", "write-blocking")]
+    best = rank(grid)[0]
+    label = (f"model's pick: granularity {format_size(best.granularity)}, buf-size "
+             f"{format_size(best.buf_size)}, {best.copy_mode}")
+    return DEMO_CONFIGS[:2] + ((label, best.mirror_options()),)
 
 
 @dataclass(frozen=True)
@@ -93,10 +113,16 @@ def write_plots(traces: Sequence[Trace], out: Path) -> list[Path]:
 async def run_demo(out: os.PathLike[str] | str, *, setup: Setup = Setup(),
                    load: FioLoad | None = FioLoad(latency_log=True),
                    time_limit: float = 20.0, hz: float = 10.0,
-                   configs: Sequence[tuple[str, dict[str, Any]]] = DEMO_CONFIGS,
+                   configs: Sequence[tuple[str, dict[str, Any]]] | None = None,
                    report: Callable[[str], None] = lambda text: None,
                    on_start: Callable[[Any, Any], None] | None = None) -> list[DemoRow]:
-    """Run the comparison; write traces, plots and ``demo.csv`` under ``out``."""
+    """Run the comparison; write traces, plots and ``demo.csv`` under ``out``.
+
+    ``configs`` defaults to `DEMO_CONFIGS`, or across a link (``setup.link``) to
+    `wan_configs`: the model's pick for that link beside the LAN's winner.
+    """
+    if configs is None:
+        configs = wan_configs(setup, load) if setup.link is not None else DEMO_CONFIGS
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report(f"measuring the offline copy speed (qemu-img convert of "

@@ -28,6 +28,7 @@ from typing import Any, Callable
 from .errors import ArgumentError, QmpConnectionError, QmpkitError
 from .images import convert_image, create_image, image_info
 from .lifecycle import MirrorRun, hopeless
+from .link import LinkProcess, LinkSpec
 from .mirror import mirror_arguments
 from .session import Qemu
 from .trace import Trace, prepare_out_dir
@@ -46,7 +47,10 @@ class Setup:
     throttled to ``target_speed`` bytes/s (None: as fast as the disk).
 
     With ``remote_target`` the target lives in a second qemu-storage-daemon and
-    the mirror writes to it over NBD, as to a disk on another host.
+    the mirror writes to it over NBD, as to a disk on another host. A ``link``
+    (a `LinkSpec`, or its text: ``"wan"``, ``"rtt=40ms,rate=1Gbit"``) puts an
+    emulated network between the two (`qmpkit.link`), and implies
+    ``remote_target``. ``reconnect_delay`` (seconds) is set on the NBD client.
     """
 
     size: int | str = "1G"
@@ -54,6 +58,13 @@ class Setup:
     target_speed: int | str | None = "100M"
     aio: str | None = None
     remote_target: bool = False
+    link: LinkSpec | str | None = None
+    reconnect_delay: int | None = None
+    #: node options of the source and target images (`qmpkit.nodes.add_image`):
+    #: ``cache.direct`` (O_DIRECT), ``detect-zeroes`` and the target's preallocation
+    cache_direct: bool | None = None
+    detect_zeroes: str | None = None
+    preallocation: str | None = None
 
     def __post_init__(self) -> None:
         if self.fmt not in ("raw", "qcow2"):
@@ -68,12 +79,42 @@ class Setup:
                 raise ArgumentError("target_speed", f"must be > 0 bytes/s, or None for "
                                                     f"unthrottled; got {self.target_speed!r}")
             object.__setattr__(self, "target_speed", ts)
+        if self.link is not None:
+            object.__setattr__(self, "link", LinkSpec.parse(self.link))
+            object.__setattr__(self, "remote_target", True)
+        from .nodes import check_node_options
+        check_node_options(aio=self.aio, cache_direct=bool(self.cache_direct),
+                           detect_zeroes=self.detect_zeroes,
+                           discard="unmap" if self.detect_zeroes == "unmap" else None)
+        if self.preallocation not in (None, "off", "falloc", "full", "metadata"):
+            raise ArgumentError("preallocation", f"must be off, falloc, full or metadata; "
+                                                 f"got {self.preallocation!r}")
+        if self.preallocation == "metadata" and self.fmt != "qcow2":
+            raise ArgumentError("preallocation", "metadata needs format qcow2 (qemu-img "
+                                                 "refuses it for raw)")
+
+    def node_options(self) -> dict[str, Any]:
+        """The options `add_image` takes for both images (not preallocation)."""
+        opts: dict[str, Any] = {"aio": self.aio}
+        if self.cache_direct:
+            opts["cache_direct"] = True
+        if self.detect_zeroes:
+            opts["detect_zeroes"] = self.detect_zeroes
+            if self.detect_zeroes == "unmap":
+                opts["discard"] = "unmap"
+        return opts
 
     def describe(self) -> str:
         speed = f"target throttled to {format_rate(self.target_speed)}" \
             if self.target_speed else "unthrottled target"
         where = ", over NBD in a second qemu-storage-daemon" if self.remote_target else ""
+        if isinstance(self.link, LinkSpec):
+            where += f", across a {self.link.describe()} link"
         return f"{format_size(self.size)} {self.fmt} source, {speed}{where}"
+
+    def link_meta(self) -> dict[str, Any] | None:
+        """The trace's ``link`` key: ``rtt_s``, ``rate_bps`` (bytes/s), ``jitter_s``."""
+        return self.link.to_meta() if isinstance(self.link, LinkSpec) else None
 
 
 @dataclass
@@ -155,7 +196,12 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     meta: dict[str, Any] = {"label": label, "disk_bytes": setup.size,
                             "setup": {"size": setup.size, "format": setup.fmt,
                                       "target_speed_bps": setup.target_speed,
-                                      "remote_target": setup.remote_target},
+                                      "remote_target": setup.remote_target,
+                                      "reconnect_delay_s": setup.reconnect_delay,
+                                      "aio": setup.aio, "cache_direct": setup.cache_direct,
+                                      "detect_zeroes": setup.detect_zeroes,
+                                      "preallocation": setup.preallocation},
+                            "link": setup.link_meta(),
                             "workload": load.to_dict() if load else None,
                             "workload_text": (load.describe() if load else "no write load") +
                                              f"; {setup.describe()}",
@@ -167,22 +213,29 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     error: BaseException | None = None
     extra: dict[str, Any] = {}
     remote: Qemu | None = None
+    link: LinkProcess | None = None
     try:
         meta["qemu_version"] = ".".join(map(str, await qemu.client.version()))
         await qemu.nodes.add_image("src", setup.size, fmt=setup.fmt, fill="mixed",
-                                   aio=setup.aio)  # type: ignore[arg-type]
+                                   **setup.node_options())
         if setup.remote_target:
             remote = await Qemu.open(workdir=base_dir)
         where = remote or qemu
         await where.nodes.add_image("disk", setup.size, fmt=setup.fmt,
-                                    aio=setup.aio)  # type: ignore[arg-type]
+                                    preallocation=setup.preallocation, **setup.node_options())
         target = "disk"
         if setup.target_speed:
             target = await where.nodes.add_throttled("dst", "disk",
                                                      bps_write=setup.target_speed)
         if remote is not None:
             uri = await remote.nodes.export_nbd(target, export="dst")
-            target = await qemu.nodes.add_nbd("remote-dst", uri)
+            if isinstance(setup.link, LinkSpec):
+                # the source daemon reaches the target only through the link
+                link = await LinkProcess.start(setup.link, await remote.nodes.nbd_socket(),
+                                               base_dir=base_dir)
+                uri = link.nbd_uri("dst")
+            target = await qemu.nodes.add_nbd("remote-dst", uri,
+                                              reconnect_delay=setup.reconnect_delay)
         if load is not None:
             uri = await qemu.nodes.export_nbd("src")
             fio = FioRunner(load, uri, qemu.workdir / "fio")
@@ -252,7 +305,40 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                 trace.save(folder)
         with contextlib.suppress(QmpkitError):
             await qemu.close()
+        if link is not None:          # after the NBD client side is gone
+            with contextlib.suppress(QmpkitError, OSError):
+                await link.close()
         if remote is not None:        # after the NBD client side is gone
             with contextlib.suppress(QmpkitError):
                 await remote.close()
     return RunResult(trace=trace, folder=folder, converged=converged, error=error, extra=extra)
+
+
+async def probe_lab(*, size: int | str, load: FioLoad, granularities: Any,
+                    seconds: float, fmt: str = "raw",
+                    base_dir: os.PathLike[str] | str | None = None,
+                    lead_s: float = 0.5, on_tick: Callable[[Any], None] | None = None) -> Any:
+    """Probe the lab's own load: a fresh embedded QEMU, a source of ``size``
+    with ``load`` writing into it over NBD, watched by `qmpkit.probe.probe`.
+
+    QEMU counts no writes for an NBD export's node, so the guest's write rate
+    is fio's own: its bandwidth and IOPS over the probe's seconds.
+    """
+    from .probe import probe
+
+    async def none() -> tuple[int, int]:
+        return 0, 0
+    async with await Qemu.open(workdir=base_dir) as qemu:
+        await qemu.nodes.add_image("src", size, fmt=fmt, fill="mixed")
+        fio = FioRunner(load, await qemu.nodes.export_nbd("src"), qemu.workdir / "fio")
+        await fio.start()
+        try:
+            await asyncio.sleep(lead_s)
+            profile = await probe(qemu, "src", granularities=granularities, seconds=seconds,
+                                  write_counter=none, on_tick=on_tick)
+        finally:
+            result = await fio.stop()
+    if result is not None:
+        profile.write_bytes = int(result.write_bw_bps * profile.seconds)
+        profile.write_ops = int(result.write_iops * profile.seconds)
+    return profile

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 
 from qemu.qmp import EventListener
 
+from .aio import within
 from .client import Client, event_matches
 from .errors import JobFailedError, JobTimeoutError, QmpConnectionError
 
@@ -294,7 +295,7 @@ class Job:
         try:
             async with self._changed:
                 self._drain()      # decide on every event QEMU has sent so far
-                await asyncio.wait_for(self._changed.wait_for(check), timeout)
+                await within(self._changed.wait_for(check), timeout)
         except asyncio.TimeoutError:
             raise JobTimeoutError(job_id=self.job_id, last_status=self.state.status,
                                   waiting_for=waiting_for, timeout=timeout) from None

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .aio import within
 from .analysis import Forecast, forecast
 from .errors import (ArgumentError, JobFailedError, JobTimeoutError, QemuCommandError,
                      QmpConnectionError, QmpkitError, QmpTimeoutError, VerifyError)
@@ -61,7 +62,7 @@ from .mirror import MirrorJob, mirror_arguments, start_drive_mirror, start_mirro
 from .nodes import check_node_options
 from .record import Recorder, Recording, checkpoint
 from .session import FILTERS, Qemu
-from .trace import COPY_MODE_EVENT, Trace, prepare_out_dir
+from .trace import COPY_MODE_EVENT, SPEED_EVENT, Trace, prepare_out_dir
 from .units import format_size
 
 __all__ = ["MirrorRun", "Verification", "RunPhase", "hopeless", "LiveState"]
@@ -611,7 +612,12 @@ class MirrorRun:
         await self._job().resume()
 
     async def set_speed(self, speed: int) -> None:
-        await self._job().set_speed(speed)
+        """Set the running job's speed limit (bytes/s, 0 = unlimited), and record
+        it as an event of the trace (QEMU sends none) for the plots' speed line."""
+        job = self._job()
+        await job.set_speed(speed)
+        job.state.events.append({"event": SPEED_EVENT, "received": time.monotonic(),
+                                 "timestamp": None, "data": {"id": self.job_id, "speed": speed}})
 
     async def check_chain(self) -> str | None:
         """Why pivoting to the target would change what the guest reads, or None.
@@ -845,7 +851,7 @@ class MirrorRun:
                 coro.close()
                 return
             try:
-                await asyncio.wait_for(coro, CLEANUP_TIMEOUT * 3)
+                await within(coro, CLEANUP_TIMEOUT * 3)
             except (QmpTimeoutError, asyncio.TimeoutError) as exc:
                 qemu_ok = False           # hung: the remaining QEMU steps would hang too
                 self.cleanup_errors.append(f"{what}: {exc or 'timed out'}")
@@ -864,7 +870,7 @@ class MirrorRun:
                 await self._saver
         if self.recorder is not None:
             try:
-                await asyncio.wait_for(self.recorder.stop(final_sample=qemu_ok), CLEANUP_TIMEOUT)
+                await within(self.recorder.stop(final_sample=qemu_ok), CLEANUP_TIMEOUT)
             except Exception as exc:        # noqa: BLE001 (cleanup goes on)
                 self.cleanup_errors.append(f"recorder: {exc or 'timed out'}")
         if self.job is not None and not left and not self.job.state.finished:

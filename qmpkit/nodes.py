@@ -492,14 +492,34 @@ class BlockGraph:
         taken |= {n[:-len(_FILE_SUFFIX)] for n in taken if n.endswith(_FILE_SUFFIX)}
         return derived_name(prefix, base, taken, limit=NODE_NAME_MAX - reserve)
 
-    async def add_nbd(self, node_name: str, uri: str) -> str:
+    async def add_nbd(self, node_name: str, uri: str, *,
+                      reconnect_delay: int | None = None) -> str:
         """A remote NBD export as a node (``nbd://host:port/export`` or
-        ``nbd+unix:///export?socket=PATH``)."""
+        ``nbd+unix:///export?socket=PATH``).
+
+        :param reconnect_delay: seconds (QEMU's ``reconnect-delay``, a uint32,
+            since QEMU 4.2; QEMU's default is 0). It matters only when the
+            connection *breaks*: for that long, requests in flight and new ones
+            wait while QEMU reconnects, and are retried on the new connection;
+            after it they fail. With 0, requests in flight when the connection
+            breaks fail at once (a mirror reports a target error), and the next
+            request makes one attempt to reconnect. A connection that stays open
+            but carries nothing (a stalled link) just stalls the I/O, whatever
+            this is.
+        :raise ArgumentError: ``reconnect_delay`` is not an integer in
+            [0, 4294967295], or the URI is not an NBD URI.
+        """
         check_new_node_name(node_name, argument="node_name")
         server, export = parse_nbd_uri(uri)
         opts: dict[str, Any] = {"driver": "nbd", "node-name": node_name, "server": server}
         if export:
             opts["export"] = export
+        if reconnect_delay is not None:
+            if (isinstance(reconnect_delay, bool) or not isinstance(reconnect_delay, int)
+                    or not 0 <= reconnect_delay <= 0xFFFFFFFF):
+                raise ArgumentError("reconnect_delay", "must be a whole number of seconds in "
+                                                       f"[0, 4294967295]; got {reconnect_delay!r}")
+            opts["reconnect-delay"] = reconnect_delay
         return await self.add(opts)
 
     async def delete(self, node_name: str) -> None:

@@ -32,6 +32,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from .aio import within
 from .analysis import Forecast, forecast, rate, summarize
 from .client import Client
 from .errors import ArgumentError, QemuCommandError, QmpkitError, QmpTimeoutError
@@ -136,7 +137,7 @@ class Recorder:
             self._task = None
             if final_sample and self.error is None and self.client.connected:
                 with contextlib.suppress(QmpkitError, asyncio.TimeoutError):
-                    await asyncio.wait_for(self.sample(), 2.0)
+                    await within(self.sample(), 2.0)
         if self.error is not None:
             raise self.error
 

@@ -24,13 +24,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["Sample", "Trace", "TRACE_FILES", "COPY_MODE_EVENT", "prepare_out_dir",
-           "write_atomic"]
+__all__ = ["Sample", "Trace", "TRACE_FILES", "COPY_MODE_EVENT", "SPEED_EVENT",
+           "prepare_out_dir", "write_atomic"]
 
 TRACE_FILES = ("trace.csv", "events.jsonl", "summary.json")
 #: qmpkit's own event in ``events.jsonl``: the copy mode of a running mirror was
 #: switched (``block-job-change``; ``--rescue-after`` does it by itself)
 COPY_MODE_EVENT = "QMPKIT_COPY_MODE_CHANGED"
+#: qmpkit's own event: the running job's speed limit was set (``data.speed``, bytes/s,
+#: 0 = unlimited); QEMU sends no event for ``block-job-set-speed``
+SPEED_EVENT = "QMPKIT_SPEED_CHANGED"
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,32 @@ class Trace:
             if ev["event"] == "BLOCK_JOB_READY":
                 return float(ev["t_s"])
         return None
+
+    def paused_spans(self) -> list[tuple[float, float | None]]:
+        """When the job was paused: (from, to) in seconds, ``to`` None if it never resumed."""
+        spans: list[tuple[float, float | None]] = []
+        start: float | None = None
+        for ev in self.events:
+            if ev["event"] != "JOB_STATUS_CHANGE":
+                continue
+            status = ev.get("data", {}).get("status")
+            if status in ("paused", "standby") and start is None:
+                start = float(ev["t_s"])
+            elif status in ("running", "ready", "aborting", "concluded") and start is not None:
+                spans.append((start, float(ev["t_s"])))
+                start = None
+        if start is not None:
+            spans.append((start, None))
+        return spans
+
+    def speed_steps(self) -> list[tuple[float, int]]:
+        """The speed limit over time: (since, bytes/s, 0 = none), from the start's
+        ``speed`` and every later change (`SPEED_EVENT`)."""
+        steps = [(0.0, int(self.meta.get("params", {}).get("speed") or 0))]
+        for ev in self.events:
+            if ev["event"] == SPEED_EVENT:
+                steps.append((float(ev["t_s"]), int(ev.get("data", {}).get("speed") or 0)))
+        return steps
 
     def error_events(self) -> list[dict[str, Any]]:
         return [ev for ev in self.events if ev["event"] == "BLOCK_JOB_ERROR"

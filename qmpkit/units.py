@@ -12,7 +12,7 @@ import re
 
 from .errors import ArgumentError
 
-__all__ = ["parse_size", "parse_rate", "format_size", "format_rate"]
+__all__ = ["parse_size", "parse_rate", "format_size", "format_rate", "format_latency"]
 
 _MULT = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
          "P": 1 << 50}
@@ -84,3 +84,10 @@ def format_size(n: float) -> str:
 
 def format_rate(bps: float) -> str:
     return format_size(bps) + "/s"
+
+
+def format_latency(us: float) -> str:
+    """``'50 ms'``, ``'850 µs'``: the unit a person would type, 3 significant digits."""
+    if us >= 1000:
+        return f"{us / 1000:.3g} ms"
+    return f"{us:.3g} µs"

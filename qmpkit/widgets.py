@@ -21,18 +21,21 @@ import html
 import io
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import ipywidgets as W
 
+from .aio import within
 from . import plots
 from .errors import ArgumentError, QmpkitError
 from .lifecycle import MirrorRun
+from .link import LinkSpec, model_ceilings
 from .mirror import COPY_MODES, ON_ERROR, SYNC_MODES, MirrorJob, mirror_arguments
 from .record import Recording
 from .session import Qemu
-from .units import format_rate, format_size, parse_rate, parse_size
+from .units import format_latency, format_rate, format_size, parse_rate, parse_size
 from .workload import RW_MODES, FioLoad, FioResult, FioRunner
 
 __all__ = ["TargetPanel", "WorkloadPanel", "MirrorPanel", "Dashboard", "SweepPanel",
@@ -306,7 +309,7 @@ class WorkloadPanel(_Panel):
         r = self.result
 
         def us(v: float | None) -> str:
-            return f"{v:.0f} µs" if v is not None else "-"
+            return format_latency(v) if v is not None else "-"
         self.say(f"stopped: {format_rate(r.write_bw_bps)} written, p50 {us(r.write_p50_us)}, "
                  f"p99 {us(r.write_p99_us)}")
         return r
@@ -498,7 +501,9 @@ class MirrorPanel(_Panel):
         v = self.run.verification
         if v is not None:
             self.verified = v.ok
-            self.say(str(v), error=v.ok is False)
+            # the status line says it; the message line repeats only what needs a
+            # look: a mismatch (an error) or a verification that could not be done
+            self.say(str(v) if v.ok is not True else "", error=v.ok is False)
             self._update_status()
 
     async def switch_to_write_blocking(self) -> None:
@@ -511,7 +516,8 @@ class MirrorPanel(_Panel):
 
     async def set_speed(self, mib_per_s: int) -> None:
         assert self.job is not None, "start the mirror first"
-        await self._guard(self.job.set_speed(int(mib_per_s) * MiB))
+        assert self.run is not None
+        await self._guard(self.run.set_speed(int(mib_per_s) * MiB))
         self._update_status()
 
     def _slider_moved(self, change: dict[str, Any]) -> None:
@@ -578,13 +584,26 @@ class MirrorPanel(_Panel):
 class Dashboard(_Panel):
     """Live convergence and throughput plots of a `MirrorPanel`'s job.
 
-    Frames are PNGs pushed into two Image widgets, ``fps`` times a second
-    (default 2), from an asyncio task, so buttons and the slider stay live.
+    Frames are PNGs pushed into two Image widgets, at most ``fps`` times a
+    second (default 2), from an asyncio task, so buttons and the slider stay
+    live. The figures are drawn in a worker thread, never on the event loop
+    that the sampler shares: a drawing there stalled the sampler (5.2 of 10 Hz
+    asked, gaps of 2 s). When a frame takes longer than ``busy`` (default 50%)
+    of the time between frames, the next waits longer, so drawing never takes
+    more than that share of a core. ``benchmarks/dashboard_rate.py`` measures
+    the sampler's achieved rate with the dashboard drawing and without.
     """
 
-    def __init__(self, mirror: MirrorPanel, *, fps: float = 2.0, folder: str = "traces/run") -> None:
+    def __init__(self, mirror: MirrorPanel, *, fps: float = 2.0, folder: str = "traces/run",
+                 busy: float = 0.5) -> None:
         super().__init__()
-        self.mirror, self.fps = mirror, fps
+        if not 0 < fps <= 30:
+            raise ArgumentError("fps", f"must be in (0, 30]; got {fps!r}")
+        if not 0 < busy <= 1:
+            raise ArgumentError("busy", f"must be in (0, 1]; got {busy!r}")
+        self.mirror, self.fps, self.busy = mirror, fps, busy
+        self.draw_seconds = 0.0          # time spent drawing, all frames
+        self._offload = True             # False draws on the loop (the benchmark's "before")
         # hidden until the first frame: an empty Image shows a broken-image icon
         self.convergence = W.Image(format="png", layout=W.Layout(width="640px", display="none"))
         self.throughput = W.Image(format="png", layout=W.Layout(width="640px", display="none"))
@@ -617,26 +636,45 @@ class Dashboard(_Panel):
     async def _run(self) -> None:
         period = 1.0 / self.fps
         while True:
-            self.render()
+            t0 = time.monotonic()
+            await self.draw()
+            took = time.monotonic() - t0
             job = self.mirror.job
             if job is not None and job.state.finished:
                 return
-            await asyncio.sleep(period)
+            # at most `busy` of the wall time drawing, and never more often than fps
+            await asyncio.sleep(max(period - took, took * (1 / self.busy - 1)))
 
-    def render(self) -> bool:
-        """Draw one frame from the recording so far; False when there is nothing yet."""
+    async def draw(self) -> bool:
+        """Draw one frame in a worker thread; False when there is nothing yet."""
         rec = self.mirror.recording
         if rec is None or not rec.samples:
             return False
-        trace = rec.trace()
-        self.convergence.value = _png(plots.convergence(trace))
-        self.throughput.value = _png(plots.throughput(trace))
+        trace = rec.trace()          # a snapshot, taken on the loop
+        t0 = time.monotonic()
+        if self._offload:
+            pngs = await asyncio.to_thread(_frame, trace)
+        else:
+            pngs = _frame(trace)
+        self.draw_seconds += time.monotonic() - t0
+        self._show(*pngs)
+        return True
+
+    def render(self) -> bool:
+        """Draw one frame now, on the caller's thread; False when there is nothing yet."""
+        rec = self.mirror.recording
+        if rec is None or not rec.samples:
+            return False
+        self._show(*_frame(rec.trace()))
+        return True
+
+    def _show(self, convergence: bytes, throughput: bytes) -> None:
+        self.convergence.value, self.throughput.value = convergence, throughput
         if self.frames == 0:
             self.waiting.layout.display = "none"
             self.convergence.layout.display = self.throughput.layout.display = ""
         self.frames += 1
         self._drawn.set()
-        return True
 
     async def wait_frames(self, count: int, *, timeout: float = 30.0) -> None:
         """Wait until ``count`` frames have been drawn in all."""
@@ -644,7 +682,7 @@ class Dashboard(_Panel):
             while self.frames < count:
                 self._drawn.clear()
                 await self._drawn.wait()
-        await asyncio.wait_for(drawn(), timeout)
+        await within(drawn(), timeout)
 
     async def save(self) -> Path:
         """Save the run so far as a trace folder (also mid-run)."""
@@ -654,6 +692,11 @@ class Dashboard(_Panel):
         folder = rec.trace().save(self.folder.value)
         self.say(f"saved {folder}")
         return folder
+
+
+def _frame(trace: Any) -> tuple[bytes, bytes]:
+    """The dashboard's two PNGs. Thread-safe: Figure objects, no pyplot state."""
+    return _png(plots.convergence(trace)), _png(plots.throughput(trace))
 
 
 def _png(fig: Any) -> bytes:
@@ -698,7 +741,8 @@ class SweepPanel(_Panel):
         self.bar = W.IntProgress(value=0, min=0, max=1, description="runs", style=_DESC)
         self.progress_text = W.Label()
         self.recommendation = W.HTML()
-        self.heatmap = W.Image(format="png", layout=W.Layout(width="720px"))
+        # hidden until a sweep has drawn it: an empty Image shows a broken-image icon
+        self.heatmap = W.Image(format="png", layout=W.Layout(width="720px", display="none"))
         self.result: dict[str, Any] | None = None
         self.estimate = W.HTML()
         self.widget = W.VBox([
@@ -774,6 +818,7 @@ class SweepPanel(_Panel):
         self.progress_text.value = "done"
         self.recommendation.value = recommendation_html(self.result["recommendation"])
         self.heatmap.value = (Path(self.out_dir.value) / "heatmap_time_to_ready_s.png").read_bytes()
+        self.heatmap.layout.display = ""
         return self.result
 
     async def stop(self) -> None:
@@ -814,3 +859,159 @@ def recommendation_html(rec: dict[str, Any]) -> str:
             f"(confidence {rec['confidence']})")
     return head + "<ul>" + "".join(f"<li>{html.escape(r)}</li>" for r in rec["reasons"]) + \
         "</ul>"
+
+
+class LinkPanel(_Panel):
+    """An emulated network link (`qmpkit.link`): RTT and rate, and what the
+    mirror's in-flight limits make of them (`qmpkit.link.model_ceilings`) at
+    the chosen buf-size and granularity. ``spec`` is the `LinkSpec` to pass as
+    ``Setup(link=...)``; no QEMU is involved."""
+
+    RATES = (("100 Mbit/s", 100e6), ("1 Gbit/s", 1e9), ("10 Gbit/s", 10e9))
+
+    def __init__(self, *, rtt_ms: float = 40.0, rate_bit: float = 1e9,
+                 buf_size: str = "16M", granularity: str = "64K") -> None:
+        super().__init__()
+        self.rtt = W.FloatSlider(value=rtt_ms, min=0.0, max=200.0, step=0.5,
+                                 description="RTT (ms)", continuous_update=False,
+                                 style={"description_width": "initial"})
+        self.rate = W.Dropdown(options=self.RATES, value=rate_bit, description="rate")
+        self.buf_size = _text("buf-size", buf_size)
+        self.granularity = _text("granularity", granularity)
+        self.model = W.HTML()
+        for w in (self.rtt, self.rate, self.buf_size, self.granularity):
+            w.observe(lambda change: self.update(), names="value")
+        self.widget = W.VBox([W.HTML("<b>Link</b>"), W.HBox([self.rtt, self.rate]),
+                              W.HBox([self.buf_size, self.granularity]), self.model,
+                              self.message])
+        self.update()
+
+    @property
+    def spec(self) -> LinkSpec:
+        return LinkSpec(rtt_s=self.rtt.value / 1000.0, rate_bps=self.rate.value / 8)
+
+    def update(self) -> None:
+        """Redraw the model's ceilings; a bad buf-size or granularity says why."""
+        try:
+            buf = parse_size(self.buf_size.value, name="buf_size")
+            g = parse_size(self.granularity.value, name="granularity")
+            c = model_ceilings(self.spec, buf, g)
+        except ArgumentError as exc:
+            self.model.value = ""
+            self.say(str(exc), error=True)
+            return
+        self.say("")
+        self.model.value = (
+            f"{html.escape(self.spec.describe())}: the bulk copy reaches at most "
+            f"<b>{format_rate(c.bulk_bps)}</b> (buf-size {format_size(c.buf_size)} per round "
+            f"trip); scattered dirty chunks are caught up at most at "
+            f"<b>{format_rate(c.catchup_bps)}</b> (16 × {format_size(g)} per round trip)")
+
+    def text_form(self) -> str:
+        return f"LinkPanel: {self.spec.describe()}; run this cell to get the live panel"
+
+
+class ProbePanel(_Panel):
+    """Predict before you mirror, on the lab: **Start probe** watches the lab's
+    load for ``seconds`` (`qmpkit.experiment.probe_lab`) with a live, growing
+    curve of unique dirty bytes per granularity; then the ranked predictions
+    (`qmpkit.predict.advise`); **Run top two** runs the two best predicted
+    configurations for real and overlays them with their predicted READY."""
+
+    def __init__(self, *, setup: Any, load: FioLoad, granularity: str = "4K,64K,1M",
+                 seconds: float = 15.0, time_limit: float = 60.0) -> None:
+        super().__init__()
+        self.setup, self.load, self.time_limit = setup, load, time_limit
+        self.granularity = _text("granularities", granularity)
+        self.seconds = W.BoundedFloatText(value=seconds, min=1, max=3600, description="seconds",
+                                          style=_DESC)
+        self.start_button = self._button("Start probe", self.start, button_style="primary")
+        self.top_button = self._button("Run top two", self.run_top, disabled=True)
+        self.curve = W.Image(format="png", layout=W.Layout(width="640px", display="none"))
+        self.table = W.HTML()
+        self.profile: Any = None
+        self.ranked: list[Any] = []
+        self.traces: list[Any] = []
+        self.widget = W.VBox([W.HTML(f"<b>Probe</b>: {html.escape(load.describe())}; "
+                                     f"{html.escape(setup.describe())}"),
+                              W.HBox([self.granularity, self.seconds]),
+                              W.HBox([self.start_button, self.top_button]), self.curve,
+                              self.table, self.message, self.details])
+
+    async def start(self) -> Any:
+        """Probe, then predict and rank; returns the `Profile`."""
+        from .experiment import probe_lab
+        from .predict import advise
+        from .probe import check_probe_granularity
+        try:
+            gs = [check_probe_granularity(g.strip()) for g in self.granularity.value.split(",")]
+        except ArgumentError as exc:
+            self.say(str(exc), error=True)
+            raise
+        self.start_button.disabled = self.top_button.disabled = True
+        self.say(f"probing for {self.seconds.value:g} s...")
+        try:
+            self.profile = await self._guard(probe_lab(
+                size=self.setup.size, load=self.load, granularities=gs,
+                seconds=self.seconds.value, fmt=self.setup.fmt, on_tick=self._tick))
+        finally:
+            self.start_button.disabled = False
+        self._tick(self.profile)
+        self.ranked = advise(disk_bytes=self.profile.disk_bytes,
+                             load=self.profile.load(iodepth=self.load.iodepth),
+                             granularities=gs, target_bps=self.setup.target_speed,
+                             link=self.setup.link, copy_modes=("background",))
+        self.table.value = prediction_table_html(self.ranked)
+        self.top_button.disabled = False
+        self.say(f"guest writes {format_rate(self.profile.write_bps)}; best: "
+                 f"{self.ranked[0].reason}")
+        return self.profile
+
+    def _tick(self, profile: Any) -> None:
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(7, 3.2), layout="constrained")
+        ax = fig.add_subplot()
+        for i, (g, pts) in enumerate(sorted(profile.curves.items())):
+            ax.plot([0.0] + [t for t, _ in pts], [0.0] + [b / MiB for _, b in pts],
+                    color=f"C{i}", label=f"{format_size(g)}")
+        ax.set_xlabel("seconds of probing")
+        ax.set_ylabel("unique dirty MiB")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, title="granularity", title_fontsize=8)
+        self.curve.value = _png(fig)
+        self.curve.layout.display = ""
+
+    async def run_top(self, n: int = 2) -> list[Any]:
+        """Run the ``n`` best predicted configurations on the lab; their traces."""
+        from .experiment import run_experiment
+        assert self.ranked, "start the probe first"
+        self.top_button.disabled = True
+        self.traces = []
+        try:
+            for p in self.ranked[:n]:
+                label = (f"{format_size(p.granularity)}/{format_size(p.buf_size)} "
+                         f"{p.copy_mode}")
+                self.say(f"running {label} (predicted: {p.converges})...")
+                res = await self._guard(run_experiment(
+                    setup=self.setup, load=self.load, mirror=p.mirror_options(),
+                    time_limit=self.time_limit, label=label, verify=False,
+                    measure_offline=False))
+                res.trace.meta["predicted_time_to_ready_s"] = p.time_to_ready_s
+                self.traces.append(res.trace)
+        finally:
+            self.top_button.disabled = False
+        self.say("ran " + "; ".join(
+            f"{t.label}: READY after {t.ready_time():.1f} s (predicted "
+            f"{t.meta['predicted_time_to_ready_s'] or float('nan'):.1f} s)"
+            if t.ready_time() is not None else f"{t.label}: not READY" for t in self.traces))
+        return self.traces
+
+
+def prediction_table_html(ranked: list[Any]) -> str:
+    rows = "".join(
+        f"<tr><td>{i}</td><td>{format_size(p.granularity)}</td><td>{format_size(p.buf_size)}"
+        f"</td><td>{p.copy_mode}</td><td>{p.converges}</td><td>"
+        f"{'' if p.time_to_ready_s is None else f'{p.time_to_ready_s:.0f} s'}</td>"
+        f"<td>{html.escape(p.reason)}</td></tr>" for i, p in enumerate(ranked, 1))
+    return ("<table><tr><th>#</th><th>granularity</th><th>buf-size</th><th>mode</th>"
+            f"<th>converges</th><th>READY</th><th>why</th></tr>{rows}</table>")

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .aio import within
 from .process import die_with_parent
 from .errors import ArgumentError, ToolError
 from .units import format_rate, format_size, parse_rate, parse_size
@@ -54,6 +55,8 @@ class FioLoad:
     :param io_size: write this many bytes and stop (instead of running for ``runtime``).
     :param verify: write blocks with crc32c headers, so that `verify_image` can later
         check every block fio wrote, wherever the data ended up.
+    :param region: write only into the first ``region`` of the disk, a fraction in
+        (0, 1] (a hot spot: ``0.05`` is 5%); None writes anywhere.
     """
 
     rw: str = "randwrite"
@@ -65,8 +68,11 @@ class FioLoad:
     latency_log: bool = False
     io_size: int | str | None = None
     verify: bool = False
+    region: float | None = None
 
     def __post_init__(self) -> None:
+        if self.region is not None and not 0 < self.region <= 1:
+            raise ArgumentError("region", f"must be a fraction in (0, 1]; got {self.region!r}")
         if self.io_size is not None:
             n = parse_size(self.io_size, name="io_size")
             if n <= 0:
@@ -90,10 +96,15 @@ class FioLoad:
 
     def describe(self) -> str:
         rate = format_rate(self.rate) if self.rate else "unlimited"
-        return f"fio {self.rw} bs={format_size(self.bs)} rate={rate} iodepth={self.iodepth}"
+        where = f" in {self.region * 100:g}% of the disk" if self.region else ""
+        return (f"fio {self.rw} bs={format_size(self.bs)} rate={rate} "
+                f"iodepth={self.iodepth}{where}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["region"] is None:       # only when set: the settings of older sweeps stay
+            del d["region"]
+        return d
 
     def _pattern_args(self) -> list[str]:
         """What decides which blocks are written with what: shared by the write
@@ -101,6 +112,8 @@ class FioLoad:
         args = [f"--rw={self.rw}", f"--bs={self.bs}", f"--randseed={self.seed}"]
         if self.io_size is not None:
             args.append(f"--io_size={self.io_size}")
+        if self.region is not None:
+            args.append(f"--size={self.region * 100:g}%")
         if self.verify:
             args.append("--verify=crc32c")
         return args
@@ -277,21 +290,21 @@ class FioRunner:
     async def wait(self, *, timeout: float | None = None) -> FioResult:
         """Wait for fio to finish its runtime, then read its results."""
         assert self._proc is not None
-        await asyncio.wait_for(self._proc.wait(), timeout)
+        await within(self._proc.wait(), timeout)
         await self._reap()
         return self._collect()
 
     async def _reap(self, timeout: float = 30.0) -> None:
         assert self._proc is not None
         try:
-            await asyncio.wait_for(self._proc.wait(), timeout)
+            await within(self._proc.wait(), timeout)
         except asyncio.TimeoutError:
             log.warning("fio (pid %d) did not stop on SIGINT; killing it", self._proc.pid)
             self._proc.kill()
             await self._proc.wait()
         if self._reader is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._reader, 5)
+                await within(self._reader, 5)
 
     def _collect(self) -> FioResult:
         assert self._proc is not None

@@ -38,6 +38,11 @@ async def test_demo_with_small_disks(tmp_path):
     assert traces[2].summary["params"]["copy-mode"] == "write-blocking"
     assert all(tr.summary["guest"]["write_p99_us"] > 0 for tr in traces)
     assert "READY after" in text and "amplification" in text and "guest p99" in text
+    # `qmpkit plot` takes the demo's own folder: its three runs, overlaid
+    code, text, err = await run("plot", str(out), "--out", str(tmp_path / "again"))
+    assert code == 0, err
+    assert text.count("wrote ") == 3
+    assert (tmp_path / "again" / "latency.png").stat().st_size > 0
 
 
 async def test_plot_redraws_and_overlays(tmp_path):
@@ -51,6 +56,23 @@ async def test_plot_redraws_and_overlays(tmp_path):
     assert code == 0 and (tmp_path / "both" / "throughput.png").exists()
     code, out, err = await run("plot", str(tmp_path / "nope"))
     assert code == 2 and "not a trace folder" in err
+    # a sweep's folder: one run per configuration (repeat 0), never the offline copy
+    sweep = tmp_path / "sweep"
+    (sweep / "runs" / "offline-copy_r0").mkdir(parents=True)
+    (sweep / "sweep.json").write_text("{}")
+    for name in ("g-4096_r0", "g-4096_r1", "g-65536_r0"):
+        make_trace(ready_at=3.0).save(sweep / "runs" / name)
+    code, out, err = await run("plot", str(sweep))
+    assert code == 0, err
+    assert (sweep / "convergence.png").exists()
+    from qmpkit.cli import _trace_folders
+    assert [f.name for f in _trace_folders(sweep)] == ["g-4096_r0", "g-65536_r0"]
+    # several folders need --out; an empty folder is neither kind
+    code, out, err = await run("plot", str(sweep), str(a))
+    assert code == 2 and "--out" in err
+    (tmp_path / "empty").mkdir()
+    code, out, err = await run("plot", str(tmp_path / "empty"))
+    assert code == 2 and "nor a demo's or a sweep's output" in err
 
 
 async def test_mirror_out_records_an_attached_qemu(qemu, tmp_path):

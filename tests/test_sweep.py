@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -11,7 +12,17 @@ from test_cli import run
 
 from qmpkit import ArgumentError
 from qmpkit.experiment import Setup
-from qmpkit.sweep import Config, aggregate, grid, plan_runs, recommend, run_sweep
+from qmpkit.sweep import (
+    Config,
+    aggregate,
+    grid,
+    heatmap_figures,
+    plan_runs,
+    recommend,
+    rounded,
+    run_sweep,
+)
+from qmpkit.units import format_latency
 from qmpkit.workload import FioLoad
 
 MiB = 1 << 20
@@ -85,6 +96,62 @@ def test_no_recommendation_when_nothing_converges():
     assert "no configuration reached READY" in rec["reasons"][0]
 
 
+def test_tables_sort_sizes_by_value_and_round_for_people():
+    configs = [Config(granularity=g, buf_size=b) for g in (1 << 20, 4096, 65536)
+               for b in (16 * MiB, MiB)]
+    summary = aggregate(_results([(c, [10.123456], 900.0) for c in configs]
+                                 + [(Config(), [12.0], 900.0)]))
+    assert [None if g != g else int(g) for g in summary["granularity"]] == \
+        [None, 4096, 4096, 65536, 65536, 1 << 20, 1 << 20]
+    assert list(summary["buf_size"])[1:3] == [MiB, 16 * MiB]
+    people = rounded(summary)
+    assert people["time_to_ready_s"].iloc[1] == 10.1          # 3 significant digits
+    assert summary["time_to_ready_s"].iloc[1] == 10.123456    # the full value stays
+    assert people["granularity"].iloc[1] == 4096
+
+
+def test_recommendation_wording():
+    g4k = Config(granularity=4096, buf_size=MiB)
+    rec = recommend(aggregate(_results([(g4k, [11.0], 900.0), (Config(), [None], 900.0)])),
+                    latency_budget_us=50_000)
+    text = " | ".join(rec["reasons"])
+    assert "reached READY in 1 of 1 runs" in text and "run(s)" not in text
+    assert "within the p99 budget of 50 ms" in text and "50000 µs" not in text
+    assert "the guest's p99 write latency was 900 µs" in text
+    assert "QEMU's defaults reached READY in only 0 of 1 runs" in text
+    assert (format_latency(850.0), format_latency(1250.0)) == ("850 µs", "1.25 ms")
+
+
+def _cells(ax):
+    (im,) = ax.get_images()
+    return im.get_array()
+
+
+def test_heatmaps_read_at_a_glance():
+    g4k, g64k = Config(granularity=4096, buf_size=MiB), Config(granularity=65536, buf_size=MiB)
+    summary = aggregate(_results([(Config(), [None, None], 1100.0),
+                                  (g4k, [11.0, 12.0], 900.0), (g64k, [20.0, 21.0], 1100.0)]))
+    figs = heatmap_figures(summary, fmt="raw")
+    assert set(figs) == {"time_to_ready_s", "throughput_fraction", "amplification",
+                         "guest_p99_ms"}                       # named after their units
+    ax = figs["guest_p99_ms"].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["default (64 KiB)", "4 KiB", "64 KiB"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["default (16 MiB)", "1 MiB"]
+    cells = _cells(ax)
+    # the defaults never reached READY: no colour, whatever their latency
+    assert cells.mask[0, 0] or math.isnan(cells[0, 0])
+    assert cells[1, 1] == pytest.approx(0.9) and cells[2, 1] == pytest.approx(1.1)
+    # a scale from 0: 0.9 ms against 1.1 ms are near neighbours, not black against yellow
+    (im,) = ax.get_images()
+    assert im.get_clim() == (0.0, pytest.approx(1.1))
+    notes = [t.get_text() for t in ax.texts]
+    assert "1.1\nnot READY\n0/2" in notes
+    assert len(figs["guest_p99_ms"].axes) == 2           # the panel and its colour bar
+    # one value alone gets no colour bar
+    one = heatmap_figures(aggregate(_results([(g4k, [11.0], 900.0)])))
+    assert len(one["time_to_ready_s"].axes) == 1
+
+
 async def test_a_small_real_sweep_recommends_what_converges(tmp_path):
     """A 4 KiB random-write load into a throttled target: 64 KiB granularity dirties 16x
     what is written, more than the target takes; 4 KiB granularity does not."""
@@ -92,9 +159,16 @@ async def test_a_small_real_sweep_recommends_what_converges(tmp_path):
     configs = grid(granularity=["4K"], buf_size=["1M"])
     kwargs = dict(configs=configs, repeat=1, setup=Setup(size="64M", target_speed="16M"),
                   load=FioLoad(rate="4M", bs="4K"), time_limit=15, seed=3, early_stop=True,
-                  progress=lambda k, n, label, eta: calls.append((k, n, label)))
+                  progress=lambda k, n, label, eta: calls.append((k, n, label)), predict=True)
     result = await run_sweep(tmp_path, **kwargs)
     assert [c[:2] for c in calls] == [(1, 3), (2, 3), (3, 3)]
+    # the model, beside each run: 64 KiB (the default) never, 4 KiB yes, and close
+    res = result["results"]
+    pred = dict(zip(res["granularity"].fillna(0), res["predicted_converges"]))
+    assert pred == {0: "no", 4096: "yes"}
+    row = res[res["granularity"] == 4096].iloc[0]
+    assert 0.5 < row["predicted_time_to_ready_s"] / row["time_to_ready_s"] < 2
+    assert (tmp_path / "predicted_vs_measured.png").stat().st_size > 0
     rec = result["recommendation"]
     assert rec["granularity"] == 4096 and rec["buf_size"] == MiB
     assert rec["defaults"]["converged_runs"] == 0
@@ -103,7 +177,7 @@ async def test_a_small_real_sweep_recommends_what_converges(tmp_path):
     defaults = res[res["granularity"].isna()].iloc[0]
     assert defaults["dirty_left_bytes"] > 0 and 0 < defaults["throughput_fraction"] < 1
     assert bool(defaults["early_stopped"])            # the forecast said so before 15 s
-    for name in ("time_to_ready_s", "throughput_fraction", "amplification", "guest_p99_us"):
+    for name in ("time_to_ready_s", "throughput_fraction", "amplification", "guest_p99_ms"):
         assert (tmp_path / f"heatmap_{name}.png").stat().st_size > 0
     saved = json.loads((tmp_path / "recommendation.json").read_text())
     assert saved["granularity"] == 4096 and isinstance(saved["buf_size"], int)
@@ -167,7 +241,7 @@ def test_failed_runs_are_kept_apart_from_not_converged():
     assert (defaults["not_converged_runs"], defaults["failed_runs"]) == (2, 0)
     assert "2/3 (1 failed)" in sweep_table(summary)
     rec = recommend(summary)
-    assert any("1 of 3 run(s) failed" in r for r in rec["reasons"])
+    assert any("1 of 3 runs failed" in r for r in rec["reasons"])
 
 
 async def test_a_failed_run_is_redone_on_resume(tmp_path):
@@ -207,3 +281,44 @@ async def test_stopping_a_button_started_sweep_cancels_cleanly(tmp_path):
     assert runs and not any((r / ".done").exists() for r in runs)
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["error"] == "interrupted"
+
+
+async def test_node_options_reach_qemu_and_the_results(tmp_path):
+    """A sweep's node-option axes: set on both images (what QEMU reports for the
+    nodes), recorded in results.csv, and refused first where QEMU would refuse."""
+    from qmpkit.experiment import run_experiment
+    seen = {}
+
+    def look(run):
+        async def query():
+            seen["nodes"] = await run.qemu.client.execute("query-named-block-nodes",
+                                                          {"flat": True})
+        seen["task"] = asyncio.ensure_future(query())
+    setup = Setup(size="8M", target_speed=None, aio="io_uring", cache_direct=True,
+                  detect_zeroes="unmap", preallocation="falloc")
+    res = await run_experiment(setup=setup, load=None, mirror={"speed": "2M"}, time_limit=60,
+                               on_start=look, measure_offline=False, verify=False)
+    await seen["task"]
+    assert res.converged
+    nodes = {n["node-name"]: n for n in seen["nodes"]}
+    for name in ("src", "disk"):
+        assert nodes[name + "-file"]["cache"]["direct"] is True
+        assert nodes[name]["detect_zeroes"] == "unmap"
+    assert res.trace.meta["setup"]["aio"] == "io_uring"
+    # the sweep's axes, as results.csv columns
+    out = tmp_path / "s"
+    code, text, err = await run("sweep", "--granularity", "64K", "--buf-size", "1M",
+                                "--size", "8M", "--no-load", "--target-speed", "0",
+                                "--aio", "threads,io_uring", "--cache-direct", "on",
+                                "--detect-zeroes", "unmap", "--preallocation", "falloc",
+                                "--repeat", "1", "--out", str(out), timeout=300)
+    assert code == 0, err
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["aio"]) == {"threads", "io_uring"} and len(table) == 4
+    assert set(table["cache_direct"]) == {True} and set(table["detect_zeroes"]) == {"unmap"}
+    assert set(table["preallocation"]) == {"falloc"}
+    rec = json.loads((out / "recommendation.json").read_text())
+    assert rec["node_options"]["cache_direct"] is True
+    code, text, err = await run("sweep", "--aio", "native", "--cache-direct", "off",
+                                "--out", str(tmp_path / "no"))
+    assert code == 2 and "--aio: aio=native needs cache.direct=on" in err

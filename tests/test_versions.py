@@ -140,7 +140,7 @@ async def test_jobs_and_job_control_after_the_fact(qemu, tmp_path):
     else:
         assert "needs QEMU >= 8.2" in err
     code, out, err = await run_cli("job", "complete", "--qmp", qmp(qemu), "m1")
-    assert code == 0 and "completed (pivoted to the target)" in out, out + err
+    assert code == 0 and "completed: the device now writes to the target" in out, out + err
     assert await qemu.client.execute("query-jobs") == []
 
 
