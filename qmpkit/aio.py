@@ -10,9 +10,9 @@ does not have that race; every deadline in qmpkit goes through it.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, TypeVar
 
-__all__ = ["within"]
+__all__ = ["within", "ticks"]
 
 T = TypeVar("T")
 
@@ -21,3 +21,18 @@ async def within(aw: Awaitable[T], seconds: float | None) -> T:
     """Await ``aw``; past ``seconds`` (None: no limit) cancel it and raise TimeoutError."""
     async with asyncio.timeout(seconds):
         return await aw
+
+
+async def ticks(hz: float) -> AsyncIterator[None]:
+    """Yield ``hz`` times a second on the loop's clock. A tick that falls behind
+    (the work took longer than the period) is skipped, never burst."""
+    loop = asyncio.get_running_loop()
+    period = 1.0 / hz
+    next_t = loop.time()
+    while True:
+        yield
+        next_t += period
+        now = loop.time()
+        if next_t < now:
+            next_t = now
+        await asyncio.sleep(next_t - now)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Mapping
 from xml.etree import ElementTree
 from xml.sax.saxutils import quoteattr
 
-from .aio import within
+from .aio import ticks, within
 from .analysis import rate, summarize
 from .errors import ArgumentError, JobFailedError, JobTimeoutError, QmpkitError
 from .trace import SPEED_EVENT, Sample, Trace
@@ -575,17 +575,9 @@ class LibvirtSampler:
             raise self.error
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        period = 1.0 / self.hz
-        next_t = loop.time()
         try:
-            while True:
+            async for _ in ticks(self.hz):
                 await self.sample()
-                next_t += period
-                now = loop.time()
-                if next_t < now:          # fell behind: skip ticks, do not burst
-                    next_t = now
-                await asyncio.sleep(next_t - now)
         except QmpkitError as exc:
             log.warning("libvirt sampler stopped: %s", exc)
             self.error = exc

@@ -28,11 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import replace
 from typing import Any
 
-from .aio import within
+from .aio import ticks, within
 from .analysis import Forecast, forecast, rate, summarize
 from .client import Client
 from .errors import ArgumentError, QemuCommandError, QmpkitError, QmpTimeoutError
@@ -84,6 +85,10 @@ class Recording:
         return t
 
 
+#: a bitmap read slower than this thins the bitmap reads out (see `Recorder`)
+SLOW_BITMAP_READ_S = 0.010
+
+
 class Recorder:
     """Samples jobs at ``hz`` (default 10) until stopped.
 
@@ -91,10 +96,16 @@ class Recorder:
     :param hz: samples per second (at least 50 are held on one job here).
     :param throughput_window_s: the window of `Sample.throughput_bps`.
     :param dirty: read the dirty bitmaps (one more QMP command per tick).
+    :param dirty_budget: ``query-named-block-nodes`` describes every node, so on a
+        big graph it costs QEMU's main loop dearly (55 ms a call at 1024 nodes
+        here). Once one call takes more than `SLOW_BITMAP_READ_S`, the bitmaps
+        are read only every k-th tick, so that they take at most this share of
+        the time (default 2%); progress is still sampled every tick, and the
+        samples between have ``dirty_bytes`` None.
     """
 
     def __init__(self, client: Client, *, hz: float = 10.0, throughput_window_s: float = 0.5,
-                 dirty: bool = True) -> None:
+                 dirty: bool = True, dirty_budget: float = 0.02) -> None:
         if not 0 < hz <= 1000:
             raise ArgumentError("hz", f"must be in (0, 1000]; got {hz!r}")
         self.client = client
@@ -105,6 +116,10 @@ class Recorder:
         self.error: BaseException | None = None
         self.ticks = 0
         self.skipped = 0          # ticks lost to a QEMU that did not answer in time
+        if not 0 < dirty_budget <= 1:
+            raise ArgumentError("dirty_budget", f"must be in (0, 1]; got {dirty_budget!r}")
+        self.dirty_budget = dirty_budget
+        self.dirty_every = 1      # read the bitmaps every this many ticks
         self._task: asyncio.Task[None] | None = None
 
     def add(self, job: Job, *, meta: dict[str, Any] | None = None) -> Recording:
@@ -154,22 +169,14 @@ class Recorder:
         self.start()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        period = 1.0 / self.hz
-        next_t = loop.time()
         try:
-            while True:
+            async for _ in ticks(self.hz):
                 try:
                     await self.sample()
                 except QmpTimeoutError as exc:
                     # QEMU is slow or stopped: skip the tick and go on; it may answer again
                     log.info("sample skipped: %s", exc)
                     self.skipped += 1
-                next_t += period
-                now = loop.time()
-                if next_t < now:          # fell behind: skip ticks, do not burst
-                    next_t = now
-                await asyncio.sleep(next_t - now)
         except QmpkitError as exc:
             log.warning("sampler stopped: %s", exc)
             self.error = exc
@@ -184,9 +191,15 @@ class Recorder:
         # query-block-jobs: the same progress as query-jobs (offset/len), and from
         # QEMU 8.2 also actively-synced
         jobs_q = self.client.execute("query-block-jobs")
-        if self.dirty:
+        if self.dirty and self.ticks % self.dirty_every == 0:
+            t0 = time.perf_counter()
             jobs, nodes = await asyncio.gather(
                 jobs_q, self.client.execute("query-named-block-nodes", {"flat": True}))
+            cost = time.perf_counter() - t0
+            if cost > SLOW_BITMAP_READ_S:     # a big graph: thin the bitmap reads out
+                self.dirty_every = max(1, math.ceil(cost * self.hz / self.dirty_budget))
+            else:
+                self.dirty_every = 1
         else:
             jobs, nodes = await jobs_q, []
         now = time.monotonic()

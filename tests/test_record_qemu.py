@@ -122,3 +122,22 @@ async def test_a_run_past_its_time_limit_is_censored_and_the_source_kept(tmp_pat
     assert s["converged"] is False and s["time_to_ready_s"] is None
     assert s["completed"] is False and s["verified"] is None
     assert 0 < s["bytes_copied"] < 64 * MiB
+
+
+async def test_slow_bitmap_reads_are_thinned_out(qemu, monkeypatch):
+    """On a big graph (query-named-block-nodes slower than 10 ms) the Recorder reads
+    the bitmaps only every k-th tick, within its time budget; progress every tick."""
+    import qmpkit.record
+    monkeypatch.setattr(qmpkit.record, "SLOW_BITMAP_READ_S", 0.0)   # every read is "slow"
+    await qemu.nodes.add_image("src", 16 * MiB, fill="mixed")
+    await qemu.nodes.add_null("dst", 16 * MiB)
+    job = await qemu.mirror(device="src", target="dst", speed="1M")
+    rec = Recorder(qemu.client, hz=50, dirty_budget=0.01)
+    recording = rec.add(job)
+    for _ in range(30):
+        await rec.sample()
+    await job.cancel(timeout=30)
+    assert rec.dirty_every > 1
+    with_dirty = [s for s in recording.samples if s.dirty_bytes is not None]
+    assert len(recording.samples) == 30 and 1 <= len(with_dirty) <= 15
+    assert all(s.remaining_bytes >= 0 for s in recording.samples)
