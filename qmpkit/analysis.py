@@ -17,13 +17,16 @@ dirtying whole 64 KiB chunks).
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .trace import Sample, Trace
 from .units import format_rate
 
-__all__ = ["rate", "Forecast", "forecast", "summarize", "report", "SUMMARY_KEYS"]
+__all__ = ["rate", "Forecast", "forecast", "summarize", "report", "mirror_ops",
+           "SUMMARY_KEYS"]
 
 SUMMARY_KEYS = ("time_to_ready_s", "converged", "completed", "verified", "bytes_copied",
                 "disk_bytes", "amplification", "mean_throughput_bps", "peak_dirty_bytes",
@@ -196,6 +199,50 @@ def summarize(trace: Trace, *, completed: bool | None = None,
     }
 
 
+_TRACE_LINE = re.compile(r"(mirror_[a-z_]+) (.*)$")
+_FIELD = re.compile(r"(\w+) (0x[0-9a-fA-F]+|-?\d+)(?:ns)?(?=\s|$)")
+
+
+def mirror_ops(log_text: str) -> dict[str, Any] | None:
+    """Why a mirror runs at the rate it does, from QEMU's own trace events
+    (``mirror_*`` through the ``log`` trace backend, as in the daemon's log):
+    how many copy operations, of what mean size; how often the job waited for
+    a free in-flight slot or buffer (``mirror_yield``: 16 operations in
+    flight, or no buffer left) and with how many in flight; and how many of its
+    100 ms slices slept for the speed limit. None when the log holds no event.
+    """
+    ops = op_bytes = iterations = iter_bytes = yields = yield_in_flight = 0
+    waits_overlap = sleeps = 0
+    for line in log_text.splitlines():
+        m = _TRACE_LINE.search(line)
+        if not m:
+            continue
+        name = m.group(1)
+        f = {k: int(v, 0) for k, v in _FIELD.findall(m.group(2))}
+        if name == "mirror_iteration_done":
+            ops += 1
+            op_bytes += f.get("bytes", 0)
+        elif name == "mirror_one_iteration":
+            iterations += 1
+            iter_bytes += f.get("bytes", 0)
+        elif name == "mirror_yield":
+            yields += 1
+            yield_in_flight += f.get("in_flight", 0)
+        elif name == "mirror_yield_in_flight":
+            waits_overlap += 1
+        elif name == "mirror_before_sleep" and f.get("delay", 0) > 0:
+            sleeps += 1
+    if not (ops or iterations or yields):
+        return None
+    return {"ops": ops, "mean_op_bytes": op_bytes / ops if ops else None,
+            "iterations": iterations,
+            "mean_iteration_bytes": iter_bytes / iterations if iterations else None,
+            "waits_for_a_slot": yields,
+            "mean_in_flight_when_waiting": yield_in_flight / yields if yields else None,
+            "waits_for_an_overlapping_op": waits_overlap,
+            "throttled_slices": sleeps}
+
+
 def report(trace: Trace) -> dict[str, Any]:
     """The end-of-run figures an operator reads, as plain data (fio-style): time to
     READY and in all, bytes copied and amplification, mean and peak throughput,
@@ -220,9 +267,11 @@ def report(trace: Trace) -> dict[str, Any]:
         "amplification": summary.get("amplification"),
         "mean_throughput_bps": summary.get("mean_throughput_bps"),
         "peak_throughput_bps": max((x.throughput_bps for x in s), default=None),
+        "speed_bps": trace.meta.get("params", {}).get("speed") or None,
         "peak_dirty_bytes": summary.get("peak_dirty_bytes"),
         "error_events": summary.get("error_events", 0),
         "guest_write_p50_ms": ms("write_p50_us"),
         "guest_write_p99_ms": ms("write_p99_us"),
         "verification": summary.get("verification"),
+        "qemu_ops": summary.get("qemu_ops"),
     }

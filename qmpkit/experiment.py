@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .analysis import mirror_ops
 from .errors import ArgumentError, QmpConnectionError, QmpkitError
 from .images import convert_image, create_image, image_info
 from .lifecycle import MirrorRun, hopeless
@@ -174,7 +175,8 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                          max_errors: int | None = None,
                          command_timeout: float | None = None,
                          rescue_after: float | None = None,
-                         base_dir: os.PathLike[str] | str | None = None) -> RunResult:
+                         base_dir: os.PathLike[str] | str | None = None,
+                         qemu_trace: bool = False) -> RunResult:
     """Run one mirror under a load on a fresh embedded QEMU, and record it.
 
     :param mirror: `mirror_arguments` keywords (granularity, buf_size, copy_mode...).
@@ -184,6 +186,9 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
     :param give_up: called with the `Recording` twice a second; True stops waiting
         for READY early (recorded as not converged, ``early_stopped``).
     :param on_start: called with the `MirrorRun` once the mirror runs (for live views).
+    :param qemu_trace: turn on QEMU's ``mirror_*`` trace events and summarize them
+        into the summary's ``qemu_ops`` (`qmpkit.analysis.mirror_ops`: operations,
+        their size, waits for an in-flight slot). Costs a log line per operation.
     :raise ArgumentError: bad settings, before anything starts.
     :raise QmpkitError: the run failed; the trace is saved first.
     """
@@ -206,7 +211,9 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                             "workload_text": (load.describe() if load else "no write load") +
                                              f"; {setup.describe()}",
                             "time_limit_s": time_limit, "hz": hz}
-    qemu = await Qemu.open(workdir=base_dir, command_timeout=command_timeout)
+    # QEMU's log trace backend prints only events enabled on its command line
+    qemu = await Qemu.open(workdir=base_dir, command_timeout=command_timeout,
+                           extra_args=["--trace", "mirror_*"] if qemu_trace else ())
     run: MirrorRun | None = None
     fio: FioRunner | None = None
     converged = False
@@ -292,6 +299,8 @@ async def run_experiment(*, setup: Setup = Setup(), load: FioLoad | None = None,
                 if isinstance(error, QmpkitError):
                     error = QmpkitError(f"qemu-storage-daemon died of {sig} during the run "
                                         f"({error})")
+            if qemu_trace and qemu.daemon is not None:
+                run.extra["qemu_ops"] = mirror_ops(qemu.daemon.output())
             await run.close(error)
             trace = run.trace()
             extra = run.extra

@@ -19,7 +19,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .client import Client
 from .daemon import StorageDaemon
@@ -50,20 +50,22 @@ class Qemu:
     async def open(cls, qmp: str | tuple[str, int] | None = None, *,
                    workdir: os.PathLike[str] | str | None = None,
                    binary: str = "qemu-storage-daemon", spare_monitors: int = 0,
-                   timeout: float = 15.0, command_timeout: float | None = None) -> "Qemu":
+                   timeout: float = 15.0, command_timeout: float | None = None,
+                   extra_args: Sequence[str] = ()) -> "Qemu":
         """Start the embedded daemon (``qmp=None``) or attach to ``qmp``.
 
         ``spare_monitors`` gives the embedded daemon more QMP sockets, for
         other clients such as the ``qmpkit`` command (see `StorageDaemon`).
         ``command_timeout`` is how long one QMP command may take (see
-        `Client.execute`).
+        `Client.execute`). ``extra_args`` go to the embedded daemon's command line
+        (``["--trace", "mirror_*"]``).
 
         :raise QemuStartError: the embedded daemon did not start.
         :raise QmpConnectionError: nothing answers QMP at ``qmp``.
         """
         if qmp is None:
             daemon = StorageDaemon(binary=binary, base_dir=workdir,
-                                   spare_monitors=spare_monitors)
+                                   spare_monitors=spare_monitors, extra_args=extra_args)
             client = await daemon.start(timeout=timeout)
             if command_timeout is not None:
                 client.command_timeout = command_timeout

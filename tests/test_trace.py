@@ -176,3 +176,24 @@ def test_forecast_of_a_speed_limited_mirror_on_a_quiet_disk():
     assert f.verdict == "converging" and "not converging" not in f.text
     long_rate = (samples[-1].current_progress - samples[0].current_progress) / 9.9
     assert f.eta_s == pytest.approx((64 * MiB - samples[-1].current_progress) / long_rate)
+
+
+def test_mirror_ops_reads_qemus_trace_events():
+    from qmpkit.analysis import mirror_ops
+    log = "\n".join([
+        "qemu-storage-daemon: some other line",
+        "mirror_start bs 0x5601 s 0x5602 opaque (nil)",
+        "mirror_one_iteration s 0x5602 offset 0 bytes 4194304",
+        "mirror_iteration_done s 0x5602 offset 0 bytes 1048576 ret 0",
+        "mirror_iteration_done s 0x5602 offset 1048576 bytes 1048576 ret 0",
+        "mirror_yield s 0x5602 dirty count 1024 free buffers 0 in_flight 4",
+        "mirror_yield s 0x5602 dirty count 1024 free buffers 0 in_flight 2",
+        "mirror_yield_in_flight s 0x5602 offset 0 in_flight 3",
+        "mirror_before_sleep s 0x5602 dirty count 67108864 synced 0 delay 100000000ns",
+        "mirror_before_sleep s 0x5602 dirty count 0 synced 1 delay 0ns"])
+    ops = mirror_ops(log)
+    assert ops == {"ops": 2, "mean_op_bytes": 1048576, "iterations": 1,
+                   "mean_iteration_bytes": 4194304, "waits_for_a_slot": 2,
+                   "mean_in_flight_when_waiting": 3.0, "waits_for_an_overlapping_op": 1,
+                   "throttled_slices": 1}
+    assert mirror_ops("no events here") is None
