@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -76,26 +77,35 @@ class Profile:
         return int(self.write_bytes / self.write_ops) if self.write_ops else 4096
 
     def dirty_bps(self, granularity: int) -> float:
-        """The new-dirty rate: the curve's slope over its first ~2 s (before
-        repeated writes to the same chunks flatten it)."""
-        pts = self.curves[granularity]
-        if len(pts) < 2:
+        """The new-dirty rate: how fast writes would dirty *clean* chunks, which is
+        what a mirror's catch-up races against.
+
+        The curve flattens as the bitmap fills (a write to a chunk already dirty
+        adds nothing), so its plain slope understates the rate, badly for a hot
+        spot. For writes spread at random over a working set ``W``, the unique
+        dirty bytes after time ``t`` are ``W (1 − e^(−r t / W))`` for a rate
+        ``r``; so ``r = −W ln(1 − D/W) / t``, read at the last point where the
+        set is at most half full (the first point if none is), with ``D/W``
+        capped at 0.999 (a lower bound then). ``W`` is the working set where the
+        curve flattened, else the disk.
+        """
+        pts = [p for p in self.curves[granularity] if p[0] > 0]
+        if not pts:
             return 0.0
-        head = [p for p in pts if p[0] <= pts[0][0] + 2.0] or pts[:2]
-        if len(head) < 2:
-            head = pts[:2]
-        (t0, b0), (t1, b1) = head[0], head[-1]
-        # the first reading is since the bitmap began (t=0, 0 bytes)
-        if t0 > 0:
-            t0, b0 = 0.0, 0
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+        ws = self.working_set(granularity) or self.disk_bytes or max(b for _, b in pts)
+        ws = max(ws, max(b for _, b in pts), 1)
+        early = [p for p in pts if p[1] <= ws / 2]
+        t, b = early[-1] if early else pts[0]
+        frac = min(b / ws, 0.999)
+        return -ws * math.log1p(-frac) / t
 
     def working_set(self, granularity: int) -> int | None:
         """Where the curve flattens (its last value), or None while it still grows."""
         pts = self.curves[granularity]
         if len(pts) < 4:
             return None
-        start = self.dirty_bps(granularity)
+        t0, b0 = pts[0]
+        start = b0 / t0 if t0 > 0 else 0.0          # the slope of the first reading
         tail = pts[len(pts) * 2 // 3:]
         (ta, ba), (tb, bb) = tail[0], tail[-1]
         slope = (bb - ba) / (tb - ta) if tb > ta else 0.0

@@ -70,3 +70,24 @@ def test_bad_input_names_the_argument():
         predict(disk_bytes=GiB, load=DEMO)          # no target rate, no link: no ceiling
     with pytest.raises(ArgumentError, match="write_bps"):
         Load(write_bps=-1)
+
+
+def test_a_probe_of_a_hot_spot_is_corrected_for_saturation():
+    """20 MiB/s of 4 KiB random writes into a 25.6 MiB hot spot of a 512 MiB disk:
+    at 64 KiB the hot set is all dirty within the first second, so the curve's
+    slope (25.6 MiB/s, then 0) hides a rate far above the target's 100 MiB/s;
+    at 4 KiB it is half full after 1 s (1 - e^-0.78 = 0.54)."""
+    from qmpkit.probe import Profile
+    hot = 25.6 * MiB
+    at_4k = [0.54, 0.79, 0.90, 0.96, 0.99, 1.0]
+    prof = Profile(node="n", disk_bytes=512 * MiB, seconds=6, write_bytes=120 * MiB,
+                   write_ops=30720,
+                   curves={65536: [(t, int(hot)) for t in range(1, 7)],
+                           4096: [(t, int(f * hot)) for t, f in zip(range(1, 7), at_4k)]})
+    assert prof.working_set(4096) == prof.working_set(65536) == int(hot)
+    assert prof.dirty_bps(4096) == pytest.approx(20 * MiB, rel=0.05)   # -W ln(0.46) / 1 s
+    assert prof.dirty_bps(65536) > 150 * MiB                             # a lower bound
+    load = prof.load()
+    kw = dict(disk_bytes=512 * MiB, load=load, target_bps=100 * MiB)
+    assert predict(granularity=4096, **kw).converges == "yes"
+    assert predict(granularity=65536, **kw).converges == "no"
