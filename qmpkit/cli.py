@@ -325,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --qmp: stop (exit 3) once the forecast has said 'not "
                         "converging' for this long, rather than run until --timeout on a "
                         "setting that cannot converge (default 10; 0 = never)")
+    m.add_argument("--qemu-trace", action="store_true",
+                   help="without --qmp: turn on QEMU's mirror_* trace events and report why "
+                        "the copy runs at its rate (operations, their mean size, waits for "
+                        "one of the 16 in-flight slots); summary.json key qemu_ops")
     m.add_argument("--rescue-after", type=_positive_float("--rescue-after"), metavar="SECONDS",
                    help="when the forecast has said 'not converging' for this long, switch the "
                         "running mirror to write-blocking, once (block-job-change, QEMU >= "
@@ -537,6 +541,8 @@ class Progress:
         frac = min(1.0, current / total) if total else 0.0
         phase = {"running": "copying", "ready": "in sync" if not dirty else "catching up",
                  "paused": "paused", "standby": "paused"}.get(status, status)
+        if status == "running" and total and current >= total and not dirty:
+            phase = "in sync"          # all copied; QEMU's READY event is on its way
         # most telling first: a narrow terminal clips the end of the line
         parts = [f"{t_s:.1f}s" if t_s is not None else "", phase, f"{frac * 100:.1f}%"]
         if dirty is not None:
@@ -967,14 +973,27 @@ def report_text(rep: dict[str, Any]) -> str:
                f"{format_size(rep['disk_bytes'])})" if rep.get("amplification") else "")
         lines.append(f"  copied      {format_size(rep['bytes_copied'])}{amp}")
     if rep["mean_throughput_bps"]:
+        peak = rep["peak_throughput_bps"] or 0
+        why = (" (above --speed: QEMU lets the first buf-size through at once)"
+               if rep.get("speed_bps") and peak > 1.5 * rep["speed_bps"] else "")
         lines.append(f"  throughput  mean {format_rate(rep['mean_throughput_bps'])}, peak "
-                     f"{format_rate(rep['peak_throughput_bps'] or 0)}")
+                     f"{format_rate(peak)}{why}")
     if rep["peak_dirty_bytes"] is not None:
-        lines.append(f"  dirty       peak {format_size(rep['peak_dirty_bytes'])} (not yet "
-                     "copied, or written again)")
+        lines.append(f"  dirty       peak {format_size(rep['peak_dirty_bytes'])} (the job's "
+                     "bitmap: what was left to copy at most)")
     if rep["guest_write_p99_ms"] is not None:
         lines.append(f"  guest       write latency p50 {rep['guest_write_p50_ms']:.1f} ms, "
                      f"p99 {rep['guest_write_p99_ms']:.1f} ms")
+    ops = rep.get("qemu_ops")
+    if ops:
+        size = format_size(ops["mean_op_bytes"]) if ops["mean_op_bytes"] else "-"
+        waits = (f"; waited {ops['waits_for_a_slot']} times for a free slot or buffer "
+                 f"({ops['mean_in_flight_when_waiting']:.1f} in flight)"
+                 if ops["waits_for_a_slot"] else "")
+        throttled = (f"; {ops['throttled_slices']} slices slept for --speed"
+                     if ops["throttled_slices"] and rep.get("speed_bps") else "")
+        lines.append(f"  QEMU        {ops['ops']} copy operations of {size} on average"
+                     f"{waits}{throttled}")
     if rep["error_events"]:
         lines.append(f"  I/O errors  {rep['error_events']}")
     return "\n".join(lines)
@@ -1040,7 +1059,8 @@ async def _cmd_mirror_embedded(ns: argparse.Namespace, out: TextIO,
                                       else None,
                                       on_start=on_start, max_errors=ns.max_errors or None,
                                       rescue_after=ns.rescue_after,
-                                      command_timeout=ns.qmp_timeout)
+                                      command_timeout=ns.qmp_timeout,
+                                      qemu_trace=ns.qemu_trace)
     finally:
         for task in watcher:
             task.cancel()

@@ -8,6 +8,7 @@ its title or legend. Save with ``fig.savefig(path)``.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Iterable, Sequence
 
 from .trace import COPY_MODE_EVENT, Trace
@@ -48,6 +49,8 @@ def describe(trace: Trace) -> str:
 def _title(ax: Any, what: str, traces: Sequence[Trace]) -> None:
     sub = describe(traces[0]) if len(traces) == 1 else f"{len(traces)} runs"
     load = traces[0].meta.get("workload_text")
+    if load:      # a long setup (a link, a remote target) wraps rather than being cut off
+        load = textwrap.fill(load, width=100)
     ax.set_title(f"{what}: {sub}" + (f"\n{load}" if load else ""), fontsize=10)
 
 
@@ -108,9 +111,12 @@ def _legend(fig: Any, ax: Any, extra: Sequence[tuple[Any, str]] = ()) -> None:
     for h, label in extra:
         handles.append(h)
         labels.append(label)
-    if handles:
-        fig.legend(handles, labels, loc="outside lower center", fontsize=8,
-                   ncols=min(3, len(handles)), frameon=False)
+    seen: set[str] = set()
+    keep = [(h, lb) for h, lb in zip(handles, labels) if not (lb in seen or seen.add(lb))]
+    if keep:
+        wide = max(len(lb) for _, lb in keep) > 45
+        fig.legend(*zip(*keep), loc="outside lower center", fontsize=8,
+                   ncols=min(2 if wide else 3, len(keep)), frameon=False)
 
 
 def convergence(traces: Trace | Iterable[Trace]) -> Any:
@@ -161,9 +167,9 @@ def _model_lines(trace: Trace) -> list[tuple[float, str]]:
     c = model_ceilings(spec, p.get("buf-size"), p.get("granularity") or 64 << 10)
     g = format_size(p.get("granularity") or 64 << 10)
     lines = [(c.bulk_bps, f"model: bulk ≤ {format_rate(c.bulk_bps)} "
-                          f"(buf-size {format_size(c.buf_size)} per round trip)"),
+                          f"({format_size(c.buf_size)} per RTT)"),
              (c.catchup_bps, f"model: catch-up ≤ {format_rate(c.catchup_bps)} "
-                             f"(16 × {g} per round trip)")]
+                             f"(16 × {g} per RTT)")]
     if spec.rate_bps:
         lines.append((spec.rate_bps, f"link rate {format_rate(spec.rate_bps)}"))
     return lines
@@ -190,8 +196,12 @@ def throughput(traces: Trace | Iterable[Trace], *, offline_bps: float | None = N
             ax.step(xs, vs + vs[-1:], where="post", color=f"C{i}", linestyle=(0, (4, 2)),
                     linewidth=1, alpha=0.8, label=f"speed limit ({describe(tr)})"
                     if len(ts) > 1 else "speed limit (--speed)")
+    drawn: set[str] = set()
     for i, tr in enumerate(ts):
         for value, text in _model_lines(tr):
+            if text in drawn:           # the same ceiling for several runs: once
+                continue
+            drawn.add(text)
             if peak and value / MiB > OFF_SCALE * peak:
                 off.append((Line2D([], [], color=f"C{i}", linestyle=(0, (6, 2, 1, 2))),
                             f"{text}: off the scale"))
@@ -207,9 +217,11 @@ def throughput(traces: Trace | Iterable[Trace], *, offline_bps: float | None = N
     if ref:
         text = f"offline copy (qemu-img convert) {format_rate(ref)}"
         if peak and ref / MiB > OFF_SCALE * peak:
+            text = f"qemu-img convert {format_rate(ref)}"
+        if peak and ref / MiB > OFF_SCALE * peak:
             # a legend note, not a line: drawn to scale it would squash the data flat
             off.append((Line2D([], [], color="black", linestyle=":", linewidth=1.2),
-                        f"{text}: {ref / MiB / peak:.0f}× this plot's peak, off the scale"))
+                        f"{text}: {ref / MiB / peak:.0f}× the peak, off the scale"))
         else:
             ax.axhline(ref / MiB, color="black", linestyle=":", linewidth=1.2, label=text)
     ax.set_xlabel("time since the mirror started (s)")

@@ -264,3 +264,41 @@ async def test_target_node_options_on_the_command_line(src, tmp_path):
     assert not (tmp_path / "m.raw").exists()
     code, out, err = await run("mirror", "--size", "8M", "--no-load", "--target-aio", "io_uring")
     assert code == 2 and "need --target-file" in err
+
+
+def test_the_report_and_the_progress_line_say_what_they_mean():
+    import io
+
+    from qmpkit.cli import Progress, report_text
+    rep = {"time_to_ready_s": 13.0, "total_s": 13.2, "bytes_copied": 256 * MiB,
+           "amplification": 1.0, "disk_bytes": 256 * MiB, "mean_throughput_bps": 19.5 * MiB,
+           "peak_throughput_bps": 159.2 * MiB, "speed_bps": 20 * MiB,
+           "peak_dirty_bytes": 240 * MiB, "guest_write_p99_ms": None, "error_events": 0}
+    text = report_text(rep)
+    assert "peak 159.2 MiB/s (above --speed: QEMU lets the first buf-size through" in text
+    assert "(the job's bitmap: what was left to copy at most)" in text
+    assert "above --speed" not in report_text({**rep, "speed_bps": None})
+    ops = {"ops": 256, "mean_op_bytes": MiB, "waits_for_a_slot": 245,
+           "mean_in_flight_when_waiting": 1.0, "throttled_slices": 0}
+    assert ("QEMU        256 copy operations of 1 MiB on average; waited 245 times for a "
+            "free slot or buffer (1.0 in flight)") in report_text({**rep, "qemu_ops": ops})
+    buf = io.StringIO()
+    Progress(buf, tty=False).update("running", 256 * MiB, 256 * MiB, t_s=13.0, dirty=0)
+    assert "in sync" in buf.getvalue() and "copying" not in buf.getvalue()
+
+
+async def test_qemu_trace_says_why_a_mirror_runs_at_its_rate(tmp_path):
+    """--qemu-trace: QEMU's own mirror_* events, summarized. buf-size 1 MiB allows
+    one 1 MiB operation in flight; QEMU's 16 MiB default allows up to 16."""
+    import json
+    results = {}
+    for buf in ("1M", "16M"):
+        code, out, err = await run("mirror", "--size", "128M", "--no-load", "--target-speed",
+                                   "0", "--granularity", "64K", "--buf-size", buf,
+                                   "--qemu-trace", "--json", timeout=120)
+        assert code == 0, err
+        results[buf] = json.loads(out)["qemu_ops"]
+    one, many = results["1M"], results["16M"]
+    assert one["ops"] >= 128 and one["mean_op_bytes"] == MiB
+    assert one["mean_in_flight_when_waiting"] == pytest.approx(1.0)
+    assert many["mean_in_flight_when_waiting"] > 4

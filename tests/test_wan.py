@@ -64,3 +64,23 @@ async def test_a_sweep_with_a_link_axis_recommends_per_link(tmp_path):
     t = {int(b) if b == b else None: v for b, v in zip(wan["buf_size"], wan["time_to_ready_s"])}
     assert t[MiB] > 2 * t[16 * MiB], t
     assert (out / "heatmap_time_to_ready_s.png").stat().st_size > 0
+
+
+async def test_demo_wan_runs_the_models_pick(tmp_path):
+    """`qmpkit demo --wan`: QEMU's defaults, the LAN's winner and what qmpkit.predict
+    picks for a 40 ms link under the demo's load (write-blocking: background mode
+    cannot catch up 4 KiB writes at 16 x 4 KiB per 40 ms round trip)."""
+    import csv
+    out = tmp_path / "demo"
+    code, text, err = await run("demo", "--wan", "--out", str(out), "--size", "32M",
+                                "--target-speed", "16M", "--load-rate", "2M",
+                                "--time-limit", "10", timeout=400)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out / "demo.csv")))
+    assert [r["label"] for r in rows][:2] == ["QEMU defaults (64 KiB granularity)",
+                                             "granularity 4 KiB, buf-size 1 MiB"]
+    assert rows[2]["label"].startswith("model's pick: ") and "write-blocking" in rows[2]["label"]
+    assert rows[2]["time_to_ready_s"]              # the pick reached READY
+    assert not rows[1]["time_to_ready_s"]          # 4 KiB/1 MiB did not, across the WAN
+    tr = Trace.load(out / rows[2]["folder"])
+    assert tr.meta["link"]["rtt_s"] == 0.04
