@@ -716,7 +716,7 @@ async def _cmd_job(ns: argparse.Namespace, out: TextIO) -> int:
     run: MirrorRun | None = None
     failure: BaseException | None = None
     try:
-        if ns.command == "mirror" or ns.action != "watch":
+        if ns.action != "watch":              # watching changes nothing
             await _refuse_behind_libvirt(qemu, ns)
         try:
             run = await MirrorRun.attach(
@@ -854,8 +854,7 @@ async def _cmd_mirror(ns: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     run: MirrorRun | None = None
     failure: BaseException | None = None
     try:
-        if ns.command == "mirror" or ns.action != "watch":
-            await _refuse_behind_libvirt(qemu, ns)
+        await _refuse_behind_libvirt(qemu, ns)
         try:
             run = MirrorRun(qemu, device=ns.device, target=ns.target,
                             target_file=ns.target_file, create=ns.create,
