@@ -40,10 +40,7 @@ def wan_configs(setup: Setup, load: FioLoad | None) -> tuple[tuple[str, dict[str
     from .link import LinkSpec
     from .predict import Load, predict, rank
     assert isinstance(setup.link, LinkSpec)
-    guest = Load(write_bps=float(load.rate or 0) if load else 0.0,
-                 bs=int(load.bs) if load else 4096,
-                 random=bool(load is None or load.rw != "write"),
-                 iodepth=load.iodepth if load else 1)
+    guest = Load.of_fio(load, int(setup.size))
     grid = [predict(disk_bytes=int(setup.size), load=guest, granularity=g, buf_size=b,
                     copy_mode=m, target_bps=setup.target_speed, link=setup.link)
             for g in (4 << 10, 64 << 10, 1 << 20) for b in (1 << 20, 4 << 20, 16 << 20, 64 << 20)

@@ -81,6 +81,17 @@ class Load:
         if self.iodepth < 1:
             raise ArgumentError("iodepth", f"must be >= 1; got {self.iodepth!r}")
 
+    @classmethod
+    def of_fio(cls, fio: object | None, disk_bytes: int) -> "Load":
+        """The load a `qmpkit.workload.FioLoad` puts on a disk of ``disk_bytes``
+        (None: no writes): its rate, block size, pattern, depth and hot region."""
+        if fio is None:
+            return cls(write_bps=0.0, iodepth=1)
+        region = getattr(fio, "region", None)
+        return cls(write_bps=float(getattr(fio, "rate") or 0), bs=int(getattr(fio, "bs")),
+                   random=getattr(fio, "rw") != "write", iodepth=int(getattr(fio, "iodepth")),
+                   region_bytes=region * disk_bytes if region else None)
+
     def dirty_bps(self, granularity: int) -> float:
         """New dirty bytes per second at ``granularity`` (measured, or equation 2)."""
         if self.measured:

@@ -474,11 +474,7 @@ def add_predictions(results: Any, setup: Setup, load: FioLoad | None) -> None:
     """``predicted_converges`` and ``predicted_time_to_ready_s`` for each row,
     from the sweep's own setup and load (`qmpkit.predict`)."""
     from .predict import Load, predict
-    guest = Load(write_bps=float(load.rate or 0) if load else 0.0,
-                 bs=int(load.bs) if load else 4096,
-                 random=load is None or load.rw != "write",
-                 iodepth=load.iodepth if load else 1,
-                 region_bytes=load.region * int(setup.size) if load and load.region else None)
+    guest = Load.of_fio(load, int(setup.size))
     conv, ttr = [], []
     for r in results.to_dict("records"):
         lk = _none(r.get("link"))

@@ -135,6 +135,14 @@ async def test_the_probe_on_a_drive_vm(drive_vm):
     assert await probe_bitmaps(qemu) == []
 
 
+async def until_all_bitmaps(qemu: Qemu) -> None:
+    """Wait (bounded) until a probe has added its five bitmaps."""
+    for _ in range(200):
+        if len(await probe_bitmaps(qemu)) == 5:
+            return
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 async def test_ctrl_c_and_sigterm_remove_the_bitmaps(drive_vm, sig, code):
     vm, qemu = drive_vm
@@ -142,10 +150,7 @@ async def test_ctrl_c_and_sigterm_remove_the_bitmaps(drive_vm, sig, code):
         QMPKIT, "probe", "--qmp", str(vm.qmp2), "--device", "vd0", "--seconds", "60",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        for _ in range(200):
-            if len(await probe_bitmaps(qemu)) == 5:
-                break
-            await asyncio.sleep(0.05)
+        await until_all_bitmaps(qemu)
         assert len(await probe_bitmaps(qemu)) == 5
         proc.send_signal(sig)
         await within(proc.communicate(), 30)
@@ -163,10 +168,7 @@ async def test_a_killed_probe_is_listed_and_cleaned(drive_vm):
         QMPKIT, "probe", "--qmp", str(vm.qmp2), "--device", "vd0", "--seconds", "60",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
-        for _ in range(200):
-            if len(await probe_bitmaps(qemu)) == 5:
-                break
-            await asyncio.sleep(0.05)
+        await until_all_bitmaps(qemu)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         await proc.wait()
