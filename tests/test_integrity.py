@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from qmpkit import ArgumentError, Qemu, VerifyError, create_image, mirror_arguments
+from qmpkit.mirror import COPY_MODES, ON_ERROR, SYNC_MODES
 from qmpkit.soak import soak, totals
 from qmpkit.workload import FioLoad, verify_image
 
@@ -74,8 +75,11 @@ def test_every_invalid_value_is_refused_naming_its_argument(argument, value):
         assert exc.argument == argument
         assert str(exc).startswith(f"{argument}: ")
     else:
-        # Only values that are valid after all may pass (e.g. the text "4K" for a size)
-        assert argument in ("granularity", "buf_size", "speed", "job_id", "filter_node_name")
+        # Only values that are valid after all may pass: the text "4K" for a size, or
+        # a random text that happens to be a mode's name ("none" for sync)
+        modes = {"sync": SYNC_MODES, "copy_mode": COPY_MODES, "on_target_error": ON_ERROR}
+        assert argument in ("granularity", "buf_size", "speed", "job_id", "filter_node_name") \
+            or value in modes.get(argument, ())
 
 
 # -- security ---------------------------------------------------------------------------
